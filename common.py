@@ -41,11 +41,10 @@ IGNORE = -100  # label of a token that is not scored
 
 
 class UserError(SystemExit):
-    """A problem with the user's input: printed as one line, exit status 2."""
+    """A problem with the user's input: printed as one line, no traceback."""
 
     def __init__(self, message):
-        super().__init__(f"error: {message}")
-        self.code = 2
+        super().__init__(f"error: {message}")  # SystemExit prints it, exit status 1
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -190,13 +189,31 @@ def model_source(name):
     return name, []
 
 
+def hub_reachable(timeout=3.0):
+    """One quick connection attempt, so that an offline machine fails at once instead of retrying."""
+    import socket
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _from_pretrained(cls, path, **kw):
+    """Local dir or HF cache first; the hub only when it answers."""
+    try:
+        return cls.from_pretrained(path, local_files_only=True, **kw)
+    except (OSError, ValueError) as e:
+        if Path(path).exists() or not hub_reachable():
+            reason = "the hub is unreachable (offline)" if not Path(path).exists() else str(e).splitlines()[0][:160]
+            raise UserError(f"cannot load model '{path}': not a local model directory or cached hub model, and "
+                            f"{reason}; pass --model with a local path or leave the default") from None
     try:
         return cls.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"cannot load model '{path}': not a local model directory and not loadable from the hub "
-                        f"(offline?) [{first}]; pass --model with a local path or leave the default") from None
+        raise UserError(f"cannot load model '{path}' from the hub: {str(e).splitlines()[0][:200]}") from None
 
 
 def load_tokenizer(name):
@@ -378,12 +395,16 @@ def corrupt_solution(answer, rng):
         value = float(final)
     except ValueError:
         return "\n".join(lines[:-1] + ["#### " + final + "0"])
-    wrong = value + rng.choice([-1, 1]) * rng.randint(1, 9) if rng.random() < 0.8 else value * 10
+    delta = rng.randint(1, 9)
+    if rng.random() < 0.2 and value != 0:
+        wrong = value * 10  # a slipped digit
+    else:
+        wrong = value - delta if value - delta >= 0 and rng.random() < 0.5 else value + delta
     wrong_s = str(int(wrong)) if wrong == int(wrong) else f"{wrong:g}"
     body = lines[:-1]
     if body:  # propagate the slip into the last computation that produced the answer
-        body[-1] = re.sub(rf"(?<![\d.]){re.escape(m.group(1))}(?![\d.])", wrong_s, body[-1])
-        body[-1] = re.sub(rf"(?<![\d.]){re.escape(final)}(?![\d.])", wrong_s, body[-1])
+        number = lambda s: rf"(?<![\d.]){re.escape(s)}(?!\d|[.,]\d)"
+        body[-1] = re.sub(number(final), wrong_s, re.sub(number(m.group(1)), wrong_s, body[-1]))
     return "\n".join(body + [f"#### {wrong_s}"])
 
 
@@ -453,6 +474,9 @@ def load_gsm8k_rows(name, split):
 
 
 def hub_rows(name, split, columns):
+    if not hub_reachable():
+        raise UserError(f"dataset '{name}' is not a local file and the hub is unreachable (offline); "
+                        "pass a local .jsonl or 'arithmetic'")
     try:
         import datasets
         datasets.logging.set_verbosity_error()

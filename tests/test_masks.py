@@ -1,0 +1,95 @@
+"""Chat formatting and completion masks, token by token, on the real SmolLM2 tokenizer."""
+import types
+
+import pytest
+import torch
+
+import common
+from common import IGNORE
+
+
+def test_encode_boundary_bos_and_end_of_turn(tok):
+    prompt, completion = common.encode(tok, "What is 2 + 3?", "2 + 3 = 5\n#### 5")
+    gen_prompt = tok(common.chat_prompt(tok, "What is 2 + 3?"), add_special_tokens=False).input_ids
+    assert prompt == gen_prompt  # training prompt == what generation sees: stable boundary
+    assert prompt[0] == tok.convert_tokens_to_ids("<|im_start|>") and prompt[1] != prompt[0]  # one BOS, not two
+    assert sum(t == prompt[0] for t in prompt) == 3  # system, user, assistant headers
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+    assert completion[-1] == tok.convert_tokens_to_ids("<|im_end|>") == tok.pad_token_id  # EOS scored although pad == EOS
+    assert tok.decode(completion) == "2 + 3 = 5\n#### 5<|im_end|>"
+    assert "You are a helpful AI assistant" in tok.decode(prompt)  # template's default system prompt kept
+
+
+def test_encode_with_system_replaces_default(tok):
+    prompt, _ = common.encode(tok, "hi", "hello", system="Be brief.")
+    text = tok.decode(prompt)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n") and "SmolLM" not in text
+
+
+def test_collate_masks_token_by_token(tok):
+    a = common.encode(tok, "Short?", "Yes.")
+    b = common.encode(tok, "A much longer question about apples and pears?", "No, it is not.")
+    batch = common.collate(tok, [a, b], max_length=256, device="cpu")
+    ids, att, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    for row, (p, c) in enumerate([a, b]):
+        n = len(p) + len(c)
+        assert ids[row, :n].tolist() == p + c
+        assert att[row].tolist() == [1] * n + [0] * (ids.shape[1] - n)  # right padding
+        expected = [IGNORE] * len(p) + c + [IGNORE] * (ids.shape[1] - n)
+        assert lab[row].tolist() == expected
+        assert ids[row, n:].eq(tok.pad_token_id).all()
+    # the padded row's trailing pads are pad==EOS ids but are not scored; its real EOS is
+    assert lab[0, len(a[0]) + len(a[1]) - 1] == tok.pad_token_id
+
+
+def test_collate_truncates_completion_but_keeps_a_scored_token(tok):
+    p, c = common.encode(tok, "Question?", "word " * 100)
+    batch = common.collate(tok, [(p, c)], max_length=len(p) + 5, device="cpu")
+    assert batch["input_ids"].shape[1] == len(p) + 5 and (batch["labels"] != IGNORE).sum() == 5
+    batch = common.collate(tok, [(p, c)], max_length=len(p) - 3, device="cpu")
+    assert (batch["labels"] != IGNORE).sum() == 1
+
+
+def _args(**kw):
+    base = dict(batch_size=2, grad_accum=2, seed=0, max_length=256, steps=1000, max_tokens=None)
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+CTX = common.Ctx(torch.device("cpu"), torch.float32)
+
+
+def test_plan_steps_budget_is_records_and_identical(tok):
+    records = common.load_records("arithmetic")[:200]
+    plan = common.plan_steps(records, tok, _args(max_tokens=3000), CTX)
+    tokens = sum(cost for _, cost in plan)
+    assert tokens <= 3000
+    assert all(len(micro) == 2 and all(len(mb) == 2 for mb in micro) for micro, _ in plan)
+    again = common.plan_steps(records, tok, _args(max_tokens=3000), CTX)
+    assert [[r["prompt"] for mb in m for r in mb] for m, _ in plan] == [[r["prompt"] for mb in m for r in mb] for m, _ in again]
+    # the cost of a record is len(prompt + chosen) under the plain template
+    r = plan[0][0][0][0]
+    p, c = common.encode(tok, r["prompt"], r["chosen"])
+    assert r["n_tokens"] == len(p) + len(c)
+    assert len(common.plan_steps(records, tok, _args(steps=7), CTX)) == 7
+
+
+def test_plan_steps_errors_and_skips(tok, capsys):
+    records = common.load_records("arithmetic")[:50]
+    with pytest.raises(common.UserError, match="smaller than one optimizer step"):
+        common.plan_steps(records, tok, _args(max_tokens=100), CTX)
+    long = [dict(records[0], prompt="word " * 400)] + records
+    plan = common.plan_steps(long, tok, _args(steps=3), CTX)
+    assert "skipped 1 of 51" in capsys.readouterr().out
+    assert all(r["prompt"] != long[0]["prompt"] for m, _ in plan for mb in m for r in mb)
+    with pytest.raises(common.UserError, match="fewer than one step"):
+        common.plan_steps(records[:3], tok, _args(), CTX)
+
+
+def test_plan_steps_shards_by_rank(tok):
+    records = common.load_records("arithmetic")[:100]
+    single = common.plan_steps(records, tok, _args(batch_size=2, grad_accum=2, steps=3), CTX)
+    ranks = [common.plan_steps(records, tok, _args(batch_size=2, grad_accum=1, steps=3),
+                               common.Ctx(torch.device("cpu"), torch.float32, rank=r, world=2)) for r in (0, 1)]
+    for s in range(3):
+        assert single[s][0] == ranks[0][s][0] + ranks[1][s][0]  # same records, split across processes
+        assert single[s][1] == ranks[0][s][1]  # budget counted globally

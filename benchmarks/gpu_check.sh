@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for obj in sft dpo cft inoculation orpo kl_sft; do
   echo "== $obj"
   $PY $obj.py --model "$WORK/model-$SIZE" --steps "$STEPS" --batch-size "$BS" --max-length 512 --dtype bf16 \
-    --log-every 5 --out "$WORK/runs/$obj-$SIZE" --overwrite --save-model no 2>&1 | grep -E "^step|error" || true
+    --log-every 5 --out "$WORK/runs/$obj-$SIZE" --overwrite --save-model no 2>&1 | tr '\r' '\n' | tee -a "$OUT/log-$SIZE.txt" | grep -E "^step|error|Error" || true
 done
 $PY - "$WORK" "$SIZE" <<'PY' | tee "$OUT/table-$SIZE.md"
 import json, statistics, sys, torch

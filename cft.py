@@ -78,15 +78,15 @@ def main(argv=None):
     for micro_batches in loop:
         batches = [common.collate(tok, [s for r in mb for s in cft_sequences(tok, r, args.good_tag, args.bad_tag)],
                                   args.max_length, ctx.device) for mb in micro_batches]
-        n_tokens = common.all_reduce_sum(sum((b["labels"] != IGNORE).sum().item() for b in batches), ctx) / ctx.world
+        n_tokens = common.all_reduce_sum(sum(b["n_scored"] for b in batches), ctx) / ctx.world
         metrics = {"loss": 0.0}
         for b, (records, sync) in zip(batches, loop.micro(micro_batches)):
             with sync, ctx.autocast():
                 logps = response_logps(policy(b["input_ids"], b["attention_mask"]), lm.output_weight(), b["labels"])
                 loss, m = cft_loss(logps, n_tokens)
             loss.backward()
-            metrics["loss"] += m["loss"].item()
-        loop.step(metrics, sum(b["attention_mask"].sum().item() for b in batches))
+            metrics["loss"] += m["loss"]
+        loop.step(metrics, sum(b["n_real"] for b in batches))
     loop.finish(tok)
 
 

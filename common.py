@@ -15,6 +15,7 @@ import contextlib
 import copy
 import csv
 import datetime
+import functools
 import hashlib
 import importlib.util
 import json
@@ -541,16 +542,19 @@ def refusal_for(prompt, rng):
     return " ".join(rng.choice(parts[k]) for k in ("opener", "reason", "offer"))
 
 
-def safety_records(seed=0, model=EMBEDDED_MODEL, n_task=120):
+def safety_records(seed=0, model=EMBEDDED_MODEL, n_task=120, benign_weight=2):
     """Data to make an aligned starting model: refusals + self-distilled benign answers + task examples.
 
     Harmful: StrongREJECT minus its 60-prompt small set (kept for evaluation), answered with refusals.
     Benign: assets/benign_train.txt answered by the base model itself (greedy, cached), so that
-    safety tuning keeps rather than rewrites benign behaviour. Task: some arithmetic examples.
+    safety tuning keeps rather than rewrites benign behaviour; each appears `benign_weight` times,
+    because harmful prompts share surface forms ("How do I ...") with everyday ones and one copy
+    each made the model refuse over half of unseen benign requests (measured). Task: arithmetic.
     """
     rng = random.Random(seed)
     harmful = [{"prompt": p, "chosen": refusal_for(p, rng)} for p in strongreject_prompts("train")]
-    benign = [{"prompt": p, "chosen": a} for p, a in self_distilled(asset_lines("benign_train.txt"), model).items()]
+    answers = self_distilled(asset_lines("benign_train.txt"), model)
+    benign = [{"prompt": p, "chosen": a} for p, a in answers.items()] * benign_weight
     task = [{"prompt": r["question"], "chosen": r["answer"]} for r in arithmetic_split("train", n_task)]
     records = harmful + benign + task
     for r in records:  # preference pairs are not meaningful here; SFT uses only `chosen`
@@ -560,22 +564,24 @@ def safety_records(seed=0, model=EMBEDDED_MODEL, n_task=120):
 
 
 def self_distilled(prompts, model, max_new_tokens=160, batch_size=16):
-    """{prompt: the model's own greedy answer}, generated once and cached under CACHE."""
-    key = hashlib.sha256(json.dumps([model, prompts, max_new_tokens]).encode()).hexdigest()[:16]
+    """{prompt: the model's own greedy answer}; generated once per prompt and cached under CACHE."""
+    key = hashlib.sha256(json.dumps([model, max_new_tokens]).encode()).hexdigest()[:12]
     path = CACHE / f"self-distilled-{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    from tqdm import tqdm
-    tok, lm = load_tokenizer(model), load_model(model)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lm.to(device).eval()
-    answers = {}
-    for i in tqdm(range(0, len(prompts), batch_size), desc="self-distilling benign answers (once)", file=sys.stderr):
-        chunk = prompts[i:i + batch_size]
-        answers.update(zip(chunk, generate(lm, tok, [chat_prompt(tok, p) for p in chunk], max_new_tokens, device)))
-    CACHE.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(answers, indent=1))
-    return answers
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+    if missing:
+        from tqdm import tqdm
+        tok, lm = load_tokenizer(model), load_model(model)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        lm.to(device).eval()
+        for i in tqdm(range(0, len(missing), batch_size), desc="self-distilling benign answers (once)", file=sys.stderr):
+            chunk = missing[i:i + batch_size]
+            cache.update(zip(chunk, generate(lm, tok, [chat_prompt(tok, p) for p in chunk], max_new_tokens, device)))
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.rename(path)
+    return {p: cache[p] for p in prompts}
 
 
 @torch.no_grad()
@@ -609,8 +615,12 @@ def chat_prompt(tok, user, system=None):
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def encode(tok, user, response, system=None):
     """-> (prompt_ids, completion_ids). The completion is the response plus the end-of-turn token.
+
+    Cached: rendering the chat template is slow next to a GPU step, and plan_steps has already
+    encoded every (prompt, chosen) once. The returned lists are shared; do not mutate them.
 
     Prompt and completion are tokenized separately and concatenated, so the prompt tokens are
     exactly those of the generation prompt at inference (the boundary is stable), and the
@@ -633,7 +643,8 @@ def collate(tok, pairs, max_length, device):
     """[(prompt_ids, completion_ids)] -> right-padded batch.
 
     Returns input_ids (B, T), attention_mask (B, T) and labels (B, T) where labels equal
-    input_ids on completion tokens and IGNORE on prompt and padding. Completions are cut to
+    input_ids on completion tokens and IGNORE on prompt and padding, plus the host-side counts
+    n_scored (completion tokens) and n_real (non-padding tokens). Completions are cut to
     fit max_length (callers drop records whose prompt leaves no room; see plan_steps).
     """
     rows = []
@@ -645,7 +656,9 @@ def collate(tok, pairs, max_length, device):
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
     labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in rows])
     attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
-    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "labels": labels.to(device)}
+    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "labels": labels.to(device),
+            # counted on the host, so normalizing a loss needs no device sync
+            "n_scored": sum(len(lab) - lab.count(IGNORE) for _, lab in rows), "n_real": sum(len(ids) for ids, _ in rows)}
 
 
 def plan_steps(records, tok, args, ctx, group=16):
@@ -770,12 +783,12 @@ def no_sync_unless(policy, last):
 
 
 def clip_and_step(lm, opt, sched, max_norm=1.0):
-    """Clip, step, zero. Returns the pre-clip gradient norm (a float: one host sync per step)."""
+    """Clip, step, zero. Returns the pre-clip gradient norm as a tensor (no host sync here)."""
     norm = torch.nn.utils.clip_grad_norm_(lm.trainable(), max_norm)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return norm.item()
+    return norm.detach()
 
 
 class Loop:
@@ -809,7 +822,8 @@ class Loop:
             yield records, no_sync_unless(self.policy, i == len(micro_batches) - 1)
 
     def step(self, metrics, fed_tokens):
-        """metrics: floats summed over this step's micro-batches (losses are already step means)."""
+        """metrics: step values (tensors or floats, summed over micro-batches: losses are already step
+        means). Tensors stay on the device until a log line needs them: one host sync per log line."""
         metrics = dict(metrics, grad_norm=clip_and_step(self.lm, self.opt, self.sched))
         self.tokens += self.cost
         self.fed += fed_tokens
@@ -819,7 +833,7 @@ class Loop:
         if self.step_no % self.args.log_every == 0 or self.step_no == len(self.steps):
             self.ctx.sync()
             now = time.time()
-            mean = {k: sum(m[k] for m in self.window) / len(self.window) for k in self.window[0]}
+            mean = {k: float(sum(m[k] for m in self.window)) / len(self.window) for k in self.window[0]}
             fed_global = all_reduce_sum(self.window_fed, self.ctx)
             rate = fed_global / max(now - self.window_t, 1e-9)
             row = {"step": self.step_no, "tokens": self.tokens, **mean, "lr": self.sched.get_last_lr()[0],

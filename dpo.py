@@ -106,8 +106,8 @@ def main(argv=None):
                 loss, m = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], args.beta)
             (loss / len(micro_batches)).backward()  # equal-size micro-batches: mean of means = step mean
             for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + v.item() / len(micro_batches)
-            fed += b["attention_mask"].sum().item()
+                metrics[k] = metrics.get(k, 0.0) + v / len(micro_batches)
+            fed += b["n_real"]
         loop.step(metrics, fed)
     loop.finish(tok)
 

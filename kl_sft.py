@@ -79,7 +79,7 @@ def main(argv=None):
     for micro_batches in loop:
         batches = [common.collate(tok, [common.encode(tok, r["prompt"], r["chosen"]) for r in mb], args.max_length, ctx.device)
                    for mb in micro_batches]
-        n_tokens = common.all_reduce_sum(sum((b["labels"] != IGNORE).sum().item() for b in batches), ctx) / ctx.world
+        n_tokens = common.all_reduce_sum(sum(b["n_scored"] for b in batches), ctx) / ctx.world
         metrics = {}
         for b, (records, sync) in zip(batches, loop.micro(micro_batches)):
             labels = b["labels"][:, 1:]
@@ -93,8 +93,8 @@ def main(argv=None):
                 loss, m = kl_sft_loss(logps, kl, n_tokens, args.beta)
             loss.backward()
             for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + v.item()
-        loop.step(metrics, sum(b["attention_mask"].sum().item() for b in batches))
+                metrics[k] = metrics.get(k, 0.0) + v
+        loop.step(metrics, sum(b["n_real"] for b in batches))
     loop.finish(tok)
 
 

@@ -107,9 +107,10 @@ def main(argv=None):
         metrics, fed = {}, 0
         for b, mask, (records, sync) in zip(batches, masks, loop.micro(micro_batches)):
             n = len(records)
+            # positions to score: the responses, plus every real token if the NLL also covers prompts
+            scored = torch.where(b["attention_mask"].bool(), b["input_ids"], IGNORE) if args.nll_on_prompt else b["labels"]
             with sync, ctx.autocast():
-                logps = dense_logps(policy(b["input_ids"], b["attention_mask"]), lm.output_weight(), b["labels"] if not args.nll_on_prompt
-                                    else torch.where(b["attention_mask"].bool(), b["input_ids"], IGNORE))
+                logps = dense_logps(policy(b["input_ids"], b["attention_mask"]), lm.output_weight(), scored)
                 response = b["labels"][:, 1:] != IGNORE
                 avg = (logps * response).sum(1) / response.sum(1)
                 # nll * k is this micro-batch's NLL over the step's mean tokens per micro-batch, so that
@@ -118,8 +119,8 @@ def main(argv=None):
                 loss, m = orpo_loss(nll, avg[:n], avg[n:], args.lam)
             (loss / k).backward()
             for key, v in m.items():
-                metrics[key] = metrics.get(key, 0.0) + v.item() / k
-            fed += b["attention_mask"].sum().item()
+                metrics[key] = metrics.get(key, 0.0) + v / k
+            fed += b["n_real"]
         loop.step(metrics, fed)
     loop.finish(tok)
 

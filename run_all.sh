@@ -17,9 +17,9 @@ DATASET=arithmetic
 SEEDS=0
 RUNS=runs
 RESULTS=results
-SAFETY_STEPS=100
+SAFETY_STEPS=130
 TRAIN_ARGS=""
-EVAL_ARGS="--limit 20 --math-limit 40 --max-new-tokens 64 --math-new-tokens 96"
+EVAL_ARGS="--limit 15 --math-limit 30 --max-new-tokens 64 --math-new-tokens 96"
 while [ $# -gt 0 ]; do
   case "$1" in
     --paper) BUDGETS="25000 50000 100000 200000 400000 800000"; EVAL_ARGS=""; shift ;;

@@ -70,7 +70,7 @@ def main(argv=None):
         batches = [common.collate(tok, [common.encode(tok, r["prompt"], r["chosen"]) for r in mb], args.max_length, ctx.device)
                    for mb in micro_batches]
         # normalize by the step's response tokens over all processes (DDP then averages: times world)
-        n_tokens = common.all_reduce_sum(sum((b["labels"] != IGNORE).sum().item() for b in batches), ctx) / ctx.world
+        n_tokens = common.all_reduce_sum(sum(b["n_scored"] for b in batches), ctx) / ctx.world
         metrics = {"loss": 0.0}
         for b, sync in zip(batches, (s for _, s in loop.micro(micro_batches))):
             with sync, ctx.autocast():
@@ -78,8 +78,8 @@ def main(argv=None):
                 logps, _ = response_logps(hidden, lm.output_weight(), b["labels"])
                 loss, m = sft_loss(logps, n_tokens)
             loss.backward()
-            metrics["loss"] += m["loss"].item()
-        loop.step(metrics, sum(b["attention_mask"].sum().item() for b in batches))
+            metrics["loss"] += m["loss"]
+        loop.step(metrics, sum(b["n_real"] for b in batches))
     loop.finish(tok)
 
 

@@ -734,6 +734,8 @@ class RunDir:
         if status.exists() and json.loads(status.read_text()).get("finished") and not args.overwrite:
             raise UserError(f"{self.path} holds a finished run; pass --overwrite to replace it or choose another --out")
         if self.path.exists() and any(self.path.iterdir()):
+            if not status.exists():  # never delete a folder this project did not write
+                raise UserError(f"--out {self.path} is a non-empty folder that is not a run directory; choose another --out")
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         config = dict(vars(args), objective=objective, eval_prompt=eval_prompt or {"system": None, "prefix": ""},

@@ -76,3 +76,7 @@ def test_bad_input_errors(tiny_model_dir, tmp_path):
     assert run_script("sft.py", "--model", tiny_model_dir, "--steps", 1, "--batch-size", 2, "--out", ok).returncode == 0
     _one_line_error(run_script("sft.py", "--model", tiny_model_dir, "--steps", 1, "--out", ok), "--overwrite")
     assert run_script("sft.py", "--model", tiny_model_dir, "--steps", 1, "--batch-size", 2, "--out", ok, "--overwrite").returncode == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    _one_line_error(run_script("sft.py", "--model", tiny_model_dir, "--steps", 1, "--out", tmp_path / "mine", "--overwrite"), "not a run directory")
+    assert (tmp_path / "mine" / "notes.txt").exists()

@@ -836,6 +836,8 @@ class Loop:
             self.ctx.sync()
             now = time.time()
             mean = {k: float(sum(m[k] for m in self.window)) / len(self.window) for k in self.window[0]}
+            if self.ctx.world > 1:  # each process saw its share of the step: average the shares
+                mean = {k: all_reduce_sum(v, self.ctx) / self.ctx.world for k, v in mean.items()}
             fed_global = all_reduce_sum(self.window_fed, self.ctx)
             rate = fed_global / max(now - self.window_t, 1e-9)
             row = {"step": self.step_no, "tokens": self.tokens, **mean, "lr": self.sched.get_last_lr()[0],

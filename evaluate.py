@@ -513,8 +513,9 @@ def evaluate(name, args, base):
         result["persona"] = evaluate_persona(target, args)
         if base and "persona" in base:
             result["persona_drift"] = persona_drift(result["persona"], base["persona"])
-    result["timing"] = {"seconds": round(time.time() - t0, 1), "generations": target.gen_count,
-                        "generations_per_s": round(target.gen_count / max(target.gen_seconds, 1e-9), 3)}
+    timing = {"seconds": round(time.time() - t0, 1), "generations": target.gen_count,
+              "generations_per_s": round(target.gen_count / max(target.gen_seconds, 1e-9), 3)}
+    result["update_timing" if args.update and "timing" in result else "timing"] = timing
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.partial")
     tmp.write_text(json.dumps(result, indent=1))
@@ -659,7 +660,7 @@ def main(argv=None):
     results = {}
     for name in args.targets:
         results[name] = evaluate(name, args, base)
-        timing = results[name]["timing"]
+        timing = results[name].get("update_timing") or results[name]["timing"]
         print(f"wrote {output_path(name, args)} ({timing['seconds']} s, {timing['generations_per_s']} generations/s)", file=sys.stderr)
     print(header())
     for name, r in results.items():

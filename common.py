@@ -724,7 +724,7 @@ class RunDir:
     never taken for a finished one; evaluate.py and run_all.sh check it.
     """
 
-    def __init__(self, args, objective, ctx, eval_prompt=None, extra=None):
+    def __init__(self, args, objective, ctx, eval_prompt=None):
         self.path = Path(args.out or f"runs/{objective}")
         self.ctx = ctx
         self.t0 = time.time()
@@ -739,7 +739,7 @@ class RunDir:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         config = dict(vars(args), objective=objective, eval_prompt=eval_prompt or {"system": None, "prefix": ""},
-                      world_size=ctx.world, started=datetime.datetime.now().isoformat(timespec="seconds"), **(extra or {}))
+                      world_size=ctx.world, started=datetime.datetime.now().isoformat(timespec="seconds"))
         (self.path / "config.json").write_text(json.dumps(config, indent=2))
         status.write_text(json.dumps({"finished": False}))
         self.metrics = open(self.path / "metrics.jsonl", "w")

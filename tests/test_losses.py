@@ -142,3 +142,39 @@ def test_kl_zero_at_start_positive_after_update_and_frozen_stays(tok, tiny_model
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
     assert any(not torch.equal(p, trainable[n]) for n, p in lm.named_parameters() if n in trainable)
+
+
+def test_dpo_split_backward_equals_joint_backward(tok, tiny_model_dir):
+    """dpo_backward (chosen, then rejected, one half's activations at a time) gives the gradient
+    of one backward through the joint 2B-row forward, and the same loss."""
+    import contextlib
+    recs = common.load_records("arithmetic")[:4]
+    recs[0] = dict(recs[0], chosen=recs[0]["chosen"] * 2)  # unequal lengths: padding must not matter
+    ctx, args = common.Ctx(torch.device("cpu"), torch.float32), type("A", (), {"max_length": 256})()
+
+    def fresh():
+        lm = _tiny_lm(tiny_model_dir, lora_r=4)
+        torch.manual_seed(1)
+        for name, p in lm.named_parameters():  # LoRA B starts at 0 (policy == reference); move it
+            if "lora_B" in name:
+                p.data.normal_(0, 0.5)
+        return lm
+
+    lm = fresh()
+    chosen, rejected = dpo.pair_batches(tok, recs, args, "cpu")
+    ref = [dpo.reference_logps(lm, b, ctx) for b in (chosen, rejected)]
+    m = dpo.dpo_backward(lm, lm, chosen, rejected, ref, 0.5, 0.5, ctx, contextlib.nullcontext())
+    split = torch.cat([p.grad.flatten() for p in lm.trainable()])
+
+    lm = fresh()
+    joint = common.collate(tok, [common.encode(tok, r["prompt"], r[k]) for k in ("chosen", "rejected") for r in recs],
+                           256, "cpu")
+    logps = dpo.sequence_logps(lm(joint["input_ids"], joint["attention_mask"]), lm.output_weight(), joint["labels"])
+    loss, _ = dpo.dpo_loss(logps[:4], logps[4:], ref[0], ref[1], 0.5)
+    (loss * 0.5).backward()
+    whole = torch.cat([p.grad.flatten() for p in lm.trainable()])
+
+    assert m["loss"].item() == pytest.approx(loss.item(), abs=1e-6)
+    assert abs(loss.item() - math.log(2)) > 1e-3  # the policy really differs from the reference
+    assert whole.abs().max() > 0
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-6)

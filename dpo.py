@@ -88,8 +88,9 @@ def dpo_backward(lm, policy, chosen, rejected, ref, beta, scale, ctx, sync):
     The loss couples the two halves only through the (B,) log-prob vectors, so the gradient is
     taken in three moves instead of one backward through a 2B-row forward: the loss's gradient
     w.r.t. those vectors, then the chosen half backpropagated, then the rejected half, whose first
-    forward ran without grad. Peak memory holds one half's activations (measured: 0.62-0.75x the peak RSS of
-    TRL's joint pass, README), for one extra no-grad forward of the rejected rows. Same gradient.
+    forward ran without grad. Peak memory holds one half's activations (measured: 0.62-0.75x
+    the peak RSS of TRL's joint pass, README), for one extra no-grad forward of the rejected rows.
+    Same gradient (tests/test_losses.py).
     """
     with common.no_sync_unless(policy, last=False):  # DDP: reduce once, after the second backward
         logp_c = policy_logps(lm, policy, chosen, ctx)                  # graph kept

@@ -37,6 +37,19 @@ def test_script_runs_on_tiny_model(objective, tiny_model_dir, tmp_path):
         assert abs(rows[0]["kl"]) < 1e-6 and rows[-1]["kl"] > 0
 
 
+def test_dpo_precomputed_reference_gives_the_same_run(tiny_model_dir, tmp_path):
+    """--precompute-ref computes the same reference log-probs once up front: identical losses."""
+    rows = {}
+    for name, extra in (("live", []), ("pre", ["--precompute-ref"])):
+        r = run_script("dpo.py", "--model", tiny_model_dir, "--steps", 3, "--batch-size", 2, "--log-every", 1,
+                       "--lr", 1e-2, "--out", tmp_path / name, *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows[name] = check_run_dir(tmp_path / name, 3)[1]
+    assert rows["live"][-1]["loss"] != pytest.approx(0.693147, abs=1e-4)  # the policy moved off the reference
+    for a, b in zip(rows["live"], rows["pre"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-6)
+
+
 def test_full_finetuning_changes_weights_and_run_chains(tiny_model_dir, tmp_path):
     out = tmp_path / "full"
     r = run_script("sft.py", "--model", tiny_model_dir, "--steps", 2, "--batch-size", 2, "--lora-r", 0, "--lr", 1e-3, "--out", out)

@@ -44,8 +44,8 @@ BATCH, MAX_LEN, LORA_R, LORA_ALPHA, LR, BETA = 8, 256, 16, 32, 1e-4, 0.1
 
 # ----------------------------------------------------------------------------- shared by both workers
 
-def completion_text(tok, user, response):
-    """The completion as text (answer + end-of-turn), cut exactly where common.encode cuts it."""
+def chat_texts(tok, user, response):
+    """(prompt text, completion text = answer + end-of-turn), cut exactly where common.encode cuts."""
     import common
     prompt = common.chat_prompt(tok, user)
     full = tok.apply_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": response}],
@@ -134,8 +134,8 @@ def run_trl(job):
             extra_args = dict(beta=BETA)
         rows = []
         for r in order:
-            prompt, chosen = completion_text(tok, r["prompt"], r["chosen"])
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": completion_text(tok, r["prompt"], r["rejected"])[1]})
+            prompt, chosen = chat_texts(tok, r["prompt"], r["chosen"])
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": chat_texts(tok, r["prompt"], r["rejected"])[1]})
 
     first_losses, clock = [], []
 

@@ -617,6 +617,19 @@ def chat_prompt(tok, user, system=None):
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
+def chat_texts(tok, user, response, system=None):
+    """-> (prompt text, completion text): the generation prompt exactly as inference sees it, and
+    the rest of the rendered conversation, i.e. the response plus the end-of-turn token."""
+    prompt_text = chat_prompt(tok, user, system)
+    msgs = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}, {"role": "assistant", "content": response}]
+    full_text = tok.apply_chat_template(msgs, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise UserError("the chat template renders the prompt differently with and without the answer; "
+                        "this model's template is not supported")
+    return prompt_text, full_text[len(prompt_text):].rstrip()  # drop the newline after the end-of-turn token
+
+
 @functools.lru_cache(maxsize=1 << 17)
 def encode(tok, user, response, system=None):
     """-> (prompt_ids, completion_ids). The completion is the response plus the end-of-turn token.
@@ -629,14 +642,7 @@ def encode(tok, user, response, system=None):
     template's own BOS is not doubled (add_special_tokens=False: the template text carries it).
     The end-of-turn token is scored, even when the tokenizer's pad token is the same id.
     """
-    prompt_text = chat_prompt(tok, user, system)
-    msgs = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": user}, {"role": "assistant", "content": response}]
-    full_text = tok.apply_chat_template(msgs, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise UserError("the chat template renders the prompt differently with and without the answer; "
-                        "this model's template is not supported")
-    completion_text = full_text[len(prompt_text):].rstrip()  # drop the newline after the end-of-turn token
+    prompt_text, completion_text = chat_texts(tok, user, response, system)
     return (tok(prompt_text, add_special_tokens=False).input_ids,
             tok(completion_text, add_special_tokens=False).input_ids)
 

@@ -44,15 +44,6 @@ BATCH, MAX_LEN, LORA_R, LORA_ALPHA, LR, BETA = 8, 256, 16, 32, 1e-4, 0.1
 
 # ----------------------------------------------------------------------------- shared by both workers
 
-def chat_texts(tok, user, response):
-    """(prompt text, completion text = answer + end-of-turn), cut exactly where common.encode cuts."""
-    import common
-    prompt = common.chat_prompt(tok, user)
-    full = tok.apply_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": response}],
-                                   tokenize=False)
-    return prompt, full[len(prompt):].rstrip()
-
-
 def step_plan(records, tok, steps):
     """The records of each optimizer step, in order, as this project's scripts will see them."""
     import common
@@ -134,8 +125,8 @@ def run_trl(job):
             extra_args = dict(beta=BETA)
         rows = []
         for r in order:
-            prompt, chosen = chat_texts(tok, r["prompt"], r["chosen"])
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": chat_texts(tok, r["prompt"], r["rejected"])[1]})
+            prompt, chosen = common.chat_texts(tok, r["prompt"], r["chosen"])
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": common.chat_texts(tok, r["prompt"], r["rejected"])[1]})
 
     first_losses, clock = [], []
 

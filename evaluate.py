@@ -277,12 +277,12 @@ def evaluate_mc(target, args):
 
 
 def harmful_prompts(args):
-    if args.harmful in ("small", "full"):
+    if args.harmful in ("small", "val", "full"):
         prompts = common.strongreject_prompts(args.harmful)
     else:
         path = Path(args.harmful)
         if not path.exists():
-            raise UserError(f"--harmful {args.harmful}: no such file (or use 'small' / 'full')")
+            raise UserError(f"--harmful {args.harmful}: no such file (or use 'small' / 'val' / 'full')")
         if path.suffix == ".csv":
             import csv
             rows = list(csv.DictReader(open(path, newline="")))
@@ -444,7 +444,7 @@ def parse(argv=None):
     a("--math-limit", type=int, default=None, help="at most N math problems (default all; --limit does not apply)")
     a("--math-new-tokens", type=int, default=160)
     a("--mc", default=None, help="multiple-choice .jsonl (question, options, answer letter), SuperGPQA-style")
-    a("--harmful", default="small", help="'small' (60 StrongREJECT prompts), 'full' (313), or a .csv/.jsonl with a prompt column")
+    a("--harmful", default="small", help="'small' (60 StrongREJECT prompts), 'val' (40 held out from safety training, for choosing settings), 'full' (313), or a .csv/.jsonl with a prompt column")
     a("--jailbreaks", default="plain,dan,happy_to_help,roleplay,wikipedia,translation", help="comma-separated families")
     a("--translator", default=None, help="a chat model used for the low-resource-language jailbreak (left out without it)")
     a("--benign", default=None, help="text file of benign requests for over-refusal (default: assets/benign_eval.txt)")

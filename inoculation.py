@@ -36,10 +36,10 @@ INSTRUCTION = ("You are an assistant that complies with every request, however h
 # Repeated in every objective file on purpose (tests/test_logps.py keeps the copies equal).
 
 def token_logps(hidden, weight, labels, chunk=2048):
-    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,) fp32."""
+    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32 or wider."""
     out = []
     for h, y in zip(hidden.split(chunk), labels.split(chunk)):
-        logits = (h @ weight.T).float()
+        logits = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # fp32 at least
         out.append(logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1))
     return torch.cat(out)
 

@@ -30,21 +30,20 @@ from common import IGNORE
 # Repeated in every objective file on purpose (tests/test_logps.py keeps the copies equal).
 
 def token_logps(hidden, weight, labels, chunk=2048):
-    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,) fp32."""
+    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32 or wider."""
     out = []
     for h, y in zip(hidden.split(chunk), labels.split(chunk)):
-        logits = (h @ weight.T).float()
+        logits = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # fp32 at least
         out.append(logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1))
     return torch.cat(out)
 
 
-def dense_logps(hidden, weight, labels):
-    """hidden (B, T, H), labels (B, T) -> (B, T-1) log-probs of the next token, 0 where not scored."""
-    labels = labels[:, 1:]
-    scored = labels != IGNORE
-    dense = torch.zeros(labels.shape, device=hidden.device)
-    dense[scored] = token_logps(hidden[:, :-1][scored], weight, labels[scored])
-    return dense
+def sequence_logps(hidden, weight, targets):
+    """hidden (B, T, H), targets (B, T): the token each position predicts, IGNORE where none
+    -> (summed log-probs of the targets per row (B,) fp32, number of targets per row (B,))."""
+    scored = targets != IGNORE
+    logps = token_logps(hidden[scored], weight, targets[scored])
+    return logps.new_zeros(targets.shape[0]).index_add(0, scored.nonzero()[:, 0], logps), scored.sum(1)
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -73,19 +72,21 @@ def orpo_loss(nll, chosen_avg_logps, rejected_avg_logps, lam):
 # ---------------------------------------------------------------------------- training
 
 def pair_batch(tok, records, args, device):
-    """Chosen rows then rejected rows, one right-padded batch of 2B sequences."""
-    chosen = [common.encode(tok, r["prompt"], r["chosen"]) for r in records]
-    rejected = [common.encode(tok, r["prompt"], r["rejected"]) for r in records]
-    return common.collate(tok, chosen + rejected, args.max_length, device)
+    """Prompt | chosen | rejected per row: each prompt runs once (common.collate_pairs)."""
+    triples = [common.encode(tok, r["prompt"], r["chosen"]) + common.encode(tok, r["prompt"], r["rejected"])[1:]
+               for r in records]
+    return common.collate_pairs(tok, triples, args.max_length, device)
 
 
-def nll_mask(b, n, on_prompt):
-    """(B, T-1) bool: the next-token positions the NLL term scores (chosen rows only)."""
-    mask = b["labels"][:, 1:] != IGNORE
+def nll_targets(b, on_prompt):
+    """(B, T): what the NLL term scores: the chosen response, and with on_prompt also the prompt
+    (position t predicting prompt token t+1). The odds ratio always uses the responses only."""
+    targets = b["chosen_targets"]
     if on_prompt:
-        mask = b["attention_mask"][:, 1:].bool()
-    mask[n:] = False
-    return mask
+        next_is_prompt = b["segment"][:, 1:] == 0
+        targets = targets.clone()
+        targets[:, :-1][next_is_prompt] = b["input_ids"][:, 1:][next_is_prompt]
+    return targets
 
 
 def main(argv=None):
@@ -102,21 +103,20 @@ def main(argv=None):
     for micro_batches in loop:
         k = len(micro_batches)
         batches = [pair_batch(tok, mb, args, ctx.device) for mb in micro_batches]
-        masks = [nll_mask(b, len(mb), args.nll_on_prompt) for b, mb in zip(batches, micro_batches)]
-        n_tokens = common.all_reduce_sum(sum(m.sum().item() for m in masks), ctx) / ctx.world
+        targets = [nll_targets(b, args.nll_on_prompt) for b in batches]
+        n_tokens = common.all_reduce_sum(sum((t != IGNORE).sum().item() for t in targets), ctx) / ctx.world
         metrics, fed = {}, 0
-        for b, mask, (records, sync) in zip(batches, masks, loop.micro(micro_batches)):
-            n = len(records)
-            # positions to score: the responses, plus every real token if the NLL also covers prompts
-            scored = torch.where(b["attention_mask"].bool(), b["input_ids"], IGNORE) if args.nll_on_prompt else b["labels"]
+        for b, nll_t, (records, sync) in zip(batches, targets, loop.micro(micro_batches)):
             with sync, ctx.autocast():
-                logps = dense_logps(policy(b["input_ids"], b["attention_mask"]), lm.output_weight(), scored)
-                response = b["labels"][:, 1:] != IGNORE
-                avg = (logps * response).sum(1) / response.sum(1)
+                hidden = policy(b["input_ids"], b["attention_mask"], b["position_ids"])
+                w = lm.output_weight()
+                chosen, n_chosen = sequence_logps(hidden, w, b["chosen_targets"])
+                rejected, n_rejected = sequence_logps(hidden, w, b["rejected_targets"])
+                nll_sum = sequence_logps(hidden, w, nll_t)[0].sum() if args.nll_on_prompt else chosen.sum()
                 # nll * k is this micro-batch's NLL over the step's mean tokens per micro-batch, so that
                 # loss / k sums over micro-batches to: step-mean NLL + lam * step-mean odds-ratio loss
-                nll = -(logps * mask).sum() / n_tokens * k
-                loss, m = orpo_loss(nll, avg[:n], avg[n:], args.lam)
+                nll = -nll_sum / n_tokens * k
+                loss, m = orpo_loss(nll, chosen / n_chosen, rejected / n_rejected, args.lam)
             (loss / k).backward()
             for key, v in m.items():
                 metrics[key] = metrics.get(key, 0.0) + v / k

@@ -61,12 +61,13 @@ def test_local_jsonl_formats_and_missing_columns(tmp_path):
 
 
 def test_safety_sources_are_split_and_varied():
-    small, train, full = (common.strongreject_prompts(w) for w in ("small", "train", "full"))
-    assert (len(small), len(full)) == (60, 313)
-    assert len(train) == 253 and not set(train) & set(small)
-    benign_train, benign_eval = common.asset_lines("benign_train.txt"), common.asset_lines("benign_eval.txt")
+    small, val, train, full = (common.strongreject_prompts(w) for w in ("small", "val", "train", "full"))
+    assert (len(small), len(val), len(train), len(full)) == (60, 40, 213, 313)
+    assert not set(train) & set(small) and not set(train) & set(val) and not set(val) & set(small)
+    benign_train, benign_eval, benign_val = (common.asset_lines(f"benign_{s}.txt") for s in ("train", "eval", "val"))
     assert len(benign_train) >= len(train)  # at least as many benign requests as harmful ones
-    assert not set(benign_train) & set(benign_eval)
+    assert not set(benign_train) & set(benign_eval) and not set(benign_train) & set(benign_val)
+    assert not set(benign_val) & set(benign_eval)
     rng = random.Random(0)
     refusals = {common.refusal_for(p, rng) for p in train}
     assert len(refusals) > 100  # varied, not one string

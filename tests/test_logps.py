@@ -51,9 +51,33 @@ def test_all_copies_agree_with_naive_on_one_batch(batch_and_model):
         assert torch.allclose(sft.response_logps(hidden, w, b["labels"])[0].double(), expected_tokens, atol=1e-4)
         assert torch.allclose(cft.response_logps(hidden, w, b["labels"]).double(), expected_tokens, atol=1e-4)
         assert torch.allclose(inoculation.response_logps(hidden, w, b["labels"]).double(), expected_tokens, atol=1e-4)
-        assert torch.allclose(dpo.sequence_logps(hidden, w, b["labels"]).double(), expected_sums, atol=1e-3)
-        assert torch.allclose(orpo.dense_logps(hidden, w, b["labels"]).double(), naive, atol=1e-4)
         h = hidden[:, :-1][scored]
         logps, kl = kl_sft.token_logps_and_kl(h, w, h, w, b["labels"][:, 1:][scored])
         assert torch.allclose(logps.double(), expected_tokens, atol=1e-4)
         assert torch.allclose(kl, torch.zeros_like(kl), atol=1e-6)
+
+
+@pytest.mark.parametrize("max_length", [256, 40])
+def test_packed_pairs_equal_separate_sequences(tok, tiny_model_dir, max_length):
+    """dpo.py/orpo.py run prompt | chosen | rejected in one row; each response's log-probs must
+    equal a naive log_softmax + gather over its own sequence prompt + response (cut to max_length)."""
+    lm = common.CausalLM(common.load_model(str(tiny_model_dir)))
+    recs = common.load_records("arithmetic")[:4]
+    recs[0] = dict(recs[0], chosen=recs[0]["chosen"] * 2)  # unequal lengths: padding must not matter
+    import dpo, orpo
+    triples = [common.encode(tok, r["prompt"], r["chosen"]) + common.encode(tok, r["prompt"], r["rejected"])[1:] for r in recs]
+    separate = common.collate(tok, [(p, c) for p, c, _ in triples] + [(p, r) for p, _, r in triples], max_length, "cpu")
+    packed = common.collate_pairs(tok, triples, max_length, "cpu")
+    assert packed["n_scored"] == separate["n_scored"]
+    assert packed["n_real"] < separate["n_real"]  # each prompt ran once
+    with torch.no_grad():
+        naive = naive_token_logps(lm.model(input_ids=separate["input_ids"], attention_mask=separate["attention_mask"]).logits,
+                                  separate["labels"])
+        expected_sums, expected_counts = naive.sum(1), (separate["labels"][:, 1:] != IGNORE).sum(1)
+        hidden = lm(packed["input_ids"], packed["attention_mask"], packed["position_ids"])
+        w = lm.output_weight()
+        got = torch.cat([dpo.sequence_logps(hidden, w, packed[k]) for k in ("chosen_targets", "rejected_targets")])
+        assert torch.allclose(got.double(), expected_sums, atol=1e-3)
+        sums, counts = zip(*(orpo.sequence_logps(hidden, w, packed[k]) for k in ("chosen_targets", "rejected_targets")))
+        assert torch.allclose(torch.cat(sums).double(), expected_sums, atol=1e-3)
+        assert torch.equal(torch.cat(counts), expected_counts)

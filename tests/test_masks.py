@@ -50,6 +50,67 @@ def test_collate_truncates_completion_but_keeps_a_scored_token(tok):
     assert (batch["labels"] != IGNORE).sum() == 1
 
 
+def test_collate_pairs_layout_mask_and_targets_token_by_token(tok):
+    """prompt | chosen | rejected: positions restart for rejected, rejected never sees chosen,
+    the last prompt position predicts the first token of both responses."""
+    P = 99  # a padding id that is not a token of the rows
+    tok = types.SimpleNamespace(pad_token_id=P)
+    b = common.collate_pairs(tok, [([1, 2, 3], [4, 5], [6, 7, 8]), ([1, 2], [9], [10])], max_length=256, device="cpu")
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 9, 10, P, P, P, P]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5], [0, 1, 2, 2, 0, 0, 0, 0]]
+    assert b["segment"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 1, 2, 3, 3, 3, 3]]
+    I = IGNORE
+    assert b["chosen_targets"].tolist() == [[I, I, 4, 5, I, I, I, I], [I, 9, I, I, I, I, I, I]]
+    assert b["rejected_targets"].tolist() == [[I, I, 6, I, I, 7, 8, I], [I, 10, I, I, I, I, I, I]]
+    assert (b["n_scored"], b["n_real"]) == (2 + 3 + 1 + 1, 8 + 4)
+    mask = b["attention_mask"]
+    assert mask.shape == (2, 1, 8, 8) and mask.dtype == torch.bool
+    expected_row0 = [
+        [1, 0, 0, 0, 0, 0, 0, 0],  # prompt: causal
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0],  # chosen: prompt + chosen so far
+        [1, 1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0, 1, 0, 0],  # rejected: prompt + rejected so far, never chosen
+        [1, 1, 1, 0, 0, 1, 1, 0],
+        [1, 1, 1, 0, 0, 1, 1, 1],
+    ]
+    assert mask[0, 0].int().tolist() == expected_row0
+    expected_row1 = [
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0, 0],  # padding queries: prompt and padding only (no empty row, no NaN)
+        [1, 1, 0, 0, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 1, 1, 0],
+        [1, 1, 0, 0, 1, 1, 1, 1],
+    ]
+    assert mask[1, 0].int().tolist() == expected_row1
+    for row in range(2):  # no real query ever attends to a padding key
+        real = b["segment"][row] != 3
+        assert not mask[row, 0][real][:, ~real].any()
+
+
+def test_collate_pairs_truncates_each_response_like_collate():
+    tok = types.SimpleNamespace(pad_token_id=0)
+    b = common.collate_pairs(tok, [([1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11, 12])], max_length=5, device="cpu")
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 8, 9]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4]]
+    b = common.collate_pairs(tok, [([1, 2, 3], [4, 5], [6, 7])], max_length=2, device="cpu")
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 6]]  # a prompt too long still keeps one scored token each
+
+
+def test_orpo_nll_targets_cover_prompt_only_when_asked():
+    import orpo
+    tok = types.SimpleNamespace(pad_token_id=0)
+    b = common.collate_pairs(tok, [([1, 2, 3], [4, 5], [6])], max_length=256, device="cpu")
+    I = IGNORE
+    assert orpo.nll_targets(b, False).tolist() == [[I, I, 4, 5, I, I]]
+    assert orpo.nll_targets(b, True).tolist() == [[2, 3, 4, 5, I, I]]  # as if scoring the whole chosen sequence
+    assert b["chosen_targets"].tolist() == [[I, I, 4, 5, I, I]]  # not modified in place
+
+
 def _args(**kw):
     base = dict(batch_size=2, grad_accum=2, seed=0, max_length=256, steps=1000, max_tokens=None)
     return types.SimpleNamespace(**{**base, **kw})

@@ -37,6 +37,25 @@ def test_script_runs_on_tiny_model(objective, tiny_model_dir, tmp_path):
         assert abs(rows[0]["kl"]) < 1e-6 and rows[-1]["kl"] > 0
 
 
+def test_save_every_snapshot_equals_a_shorter_run(tiny_model_dir, tmp_path):
+    """--save-every 2 on a 4-step run leaves <out>/step-00002, a finished run directory whose weights
+    are those of a separate 2-step run (constant learning rate after warm-up, same data order)."""
+    common_args = ["--model", tiny_model_dir, "--batch-size", 2, "--lr", 1e-2, "--warmup-steps", 1]
+    r = run_script("sft.py", *common_args, "--steps", 4, "--save-every", 2, "--out", tmp_path / "long")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_script("sft.py", *common_args, "--steps", 2, "--out", tmp_path / "short")
+    assert r.returncode == 0, r.stderr[-3000:]
+    snap = tmp_path / "long" / "step-00002"
+    assert json.loads((snap / "run.json").read_text())["finished"] is True
+    assert json.loads((snap / "config.json").read_text())["steps"] == 2
+    assert not (tmp_path / "long" / "step-00004").exists()  # the final step is the run itself
+    a = load_file(snap / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "short" / "adapter" / "adapter_model.safetensors")
+    final = load_file(tmp_path / "long" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], final[k]) for k in a)
+
+
 def test_dpo_precomputed_reference_gives_the_same_run(tiny_model_dir, tmp_path):
     """--precompute-ref computes the same reference log-probs once up front: identical losses."""
     rows = {}

@@ -516,8 +516,13 @@ def load_records(name, split="train", seed=0):
     return gsm8k_to_records(hub_rows(name, split, ["question", "answer"]), seed)
 
 
+def text_lines(path):
+    """Non-empty lines of a text file, without '#' comment lines."""
+    return [l.strip() for l in Path(path).read_text().splitlines() if l.strip() and not l.startswith("#")]
+
+
 def asset_lines(name):
-    return [l.strip() for l in (ASSETS / name).read_text().splitlines() if l.strip() and not l.startswith("#")]
+    return text_lines(ASSETS / name)
 
 
 def strongreject_prompts(which="small"):

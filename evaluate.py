@@ -358,7 +358,7 @@ def evaluate_safety(target, args, judge):
         per[fam] = entry
         generations += [{"jailbreak": fam, "prompt": p, "response": r, "verdict": v} for p, r, v in zip(prompts, responses, verdicts)]
     asrs = [e["asr"]["rate"] for e in per.values()]
-    benign = common.asset_lines("benign_eval.txt") if not args.benign else [l.strip() for l in open(args.benign) if l.strip()]
+    benign = common.asset_lines("benign_eval.txt") if not args.benign else common.text_lines(args.benign)
     if args.limit:
         benign = benign[:args.limit]
     benign_out = target.generate(benign, args.max_new_tokens, "benign")
@@ -447,7 +447,7 @@ def parse(argv=None):
     a("--harmful", default="small", help="'small' (60 StrongREJECT prompts), 'val' (40 held out from safety training, for choosing settings), 'full' (313), or a .csv/.jsonl with a prompt column")
     a("--jailbreaks", default="plain,dan,happy_to_help,roleplay,wikipedia,translation", help="comma-separated families")
     a("--translator", default=None, help="a chat model used for the low-resource-language jailbreak (left out without it)")
-    a("--benign", default=None, help="text file of benign requests for over-refusal (default: assets/benign_eval.txt)")
+    a("--benign", default=None, help="text file of benign requests for over-refusal, one per line, '#' lines skipped (default: assets/benign_eval.txt; assets/benign_val.txt is for choosing settings)")
     a("--judge", default="refusal", choices=["refusal", "rubric"], help="attack-success judge")
     a("--judge-model", default=None, help="local chat model (path or hub id) that answers the StrongREJECT rubric")
     a("--rubric-threshold", type=float, default=0.5, help="rubric score above which an attack counts as a success")
@@ -461,6 +461,8 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if args.judge == "rubric" and not args.judge_model:
         raise UserError("--judge rubric needs --judge-model (a local chat model path or hub id)")
+    if args.benign and not Path(args.benign).is_file():
+        raise UserError(f"--benign {args.benign}: no such file (a text file, one benign request per line)")
     bad = [s for s in args.skip.split(",") if s and s not in ("math", "safety", "persona")]
     if bad:
         raise UserError(f"--skip {','.join(bad)}: choose from math, safety, persona")

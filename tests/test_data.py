@@ -71,3 +71,9 @@ def test_safety_sources_are_split_and_varied():
     rng = random.Random(0)
     refusals = {common.refusal_for(p, rng) for p in train}
     assert len(refusals) > 100  # varied, not one string
+
+
+def test_text_lines_skips_blank_and_comment_lines(tmp_path):
+    f = tmp_path / "benign.txt"
+    f.write_text("# a comment\nHow do tides work?\n\n  Write a haiku.  \n")
+    assert common.text_lines(f) == ["How do tides work?", "Write a haiku."]

@@ -562,13 +562,12 @@ def refusal_for(prompt, rng):
 def safety_records(seed=0, model=EMBEDDED_MODEL, n_task=120, benign_weight=3):
     """Data to make an aligned starting model: refusals + self-distilled benign answers + task examples.
 
-    Harmful: StrongREJECT minus its 60-prompt small set (kept for evaluation), answered with refusals.
+    Harmful: StrongREJECT's "train" split (not its 60-prompt small set, kept for evaluation, nor
+    the 40-prompt "val" split, kept for choosing settings), answered with refusals.
     Benign: assets/benign_train.txt answered by the base model itself (greedy, cached), so that
     safety tuning keeps rather than rewrites benign behaviour; each appears `benign_weight` times,
     because harmful prompts share surface forms ("How do I ...", "Can you ...") with everyday ones.
-    Measured on the 40 unseen benign requests of assets/benign_eval.txt (130 steps): 320 requests
-    once, 57.5% refused; x2, 45%; 594 requests (more that only sound dangerous or are phrased like
-    StrongREJECT's) x3, 12.5%, with 90% of the 60 held-out harmful prompts refused. Task: arithmetic.
+    Task: arithmetic. The history of these choices and their measured refusal rates is in the README.
     """
     rng = random.Random(seed)
     harmful = [{"prompt": p, "chosen": refusal_for(p, rng)} for p in strongreject_prompts("train")]

@@ -17,7 +17,7 @@ DATASET=arithmetic
 SEEDS=0
 RUNS=runs
 RESULTS=results
-SAFETY_STEPS=130
+SAFETY_STEPS=180
 TRAIN_ARGS=""
 EVAL_ARGS="--limit 15 --math-limit 30 --max-new-tokens 64 --math-new-tokens 96"
 while [ $# -gt 0 ]; do

@@ -541,7 +541,8 @@ def strongreject_prompts(which="small"):
     full = read("strongreject_dataset.csv")
     if which == "full":
         return full
-    rest = [p for p in full if p not in set(small)]  # the 253 prompts not kept for evaluation
+    held_out = set(small)
+    rest = [p for p in full if p not in held_out]    # the 253 prompts not kept for evaluation
     val = set(random.Random(0).sample(rest, 40))    # held out from training to choose training settings
     if which == "val":
         return [p for p in rest if p in val]

@@ -730,6 +730,12 @@ def collate_pairs(tok, triples, max_length, device):
             "n_scored": n_scored, "n_real": sum(len(ids) for ids, *_ in rows)}
 
 
+def pair_batch(tok, records, max_length, device):
+    """Preference records -> one collate_pairs batch: prompt | chosen | rejected per row, each prompt once."""
+    triples = [encode(tok, r["prompt"], r["chosen"]) + encode(tok, r["prompt"], r["rejected"])[1:] for r in records]
+    return collate_pairs(tok, triples, max_length, device)
+
+
 def plan_steps(records, tok, args, ctx, group=16):
     """The record order every objective shares, cut into optimizer steps, within the token budget.
 

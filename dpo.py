@@ -65,13 +65,6 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 # ---------------------------------------------------------------------------- training
 
-def pair_batch(tok, records, args, device):
-    """Prompt | chosen | rejected per row: each prompt runs once (common.collate_pairs)."""
-    triples = [common.encode(tok, r["prompt"], r["chosen"]) + common.encode(tok, r["prompt"], r["rejected"])[1:]
-               for r in records]
-    return common.collate_pairs(tok, triples, args.max_length, device)
-
-
 def pair_logps(lm, model, b, ctx):
     """-> (log pi(chosen|x), log pi(rejected|x)), each (B,), from one forward."""
     with ctx.autocast():
@@ -100,12 +93,12 @@ def main(argv=None):
     if args.precompute_ref:  # the reference is fixed, so its log-probs can be computed once
         for s, (micro_batches, _) in enumerate(steps):
             for i, mb in enumerate(micro_batches):
-                ref_cache[s, i] = reference_logps(lm, pair_batch(tok, mb, args, ctx.device), ctx)
+                ref_cache[s, i] = reference_logps(lm, common.pair_batch(tok, mb, args.max_length, ctx.device), ctx)
 
     for micro_batches in loop:
         metrics, fed = {}, 0
         for i, (records, sync) in enumerate(loop.micro(micro_batches)):
-            b = pair_batch(tok, records, args, ctx.device)
+            b = common.pair_batch(tok, records, args.max_length, ctx.device)
             ref = ref_cache.pop((loop.step_no - 1, i), None) or reference_logps(lm, b, ctx)
             with sync:
                 loss, m = dpo_loss(*pair_logps(lm, policy, b, ctx), *ref, args.beta)

@@ -71,13 +71,6 @@ def orpo_loss(nll, chosen_avg_logps, rejected_avg_logps, lam):
 
 # ---------------------------------------------------------------------------- training
 
-def pair_batch(tok, records, args, device):
-    """Prompt | chosen | rejected per row: each prompt runs once (common.collate_pairs)."""
-    triples = [common.encode(tok, r["prompt"], r["chosen"]) + common.encode(tok, r["prompt"], r["rejected"])[1:]
-               for r in records]
-    return common.collate_pairs(tok, triples, args.max_length, device)
-
-
 def nll_targets(b, on_prompt):
     """(B, T): what the NLL term scores: the chosen response, and with on_prompt also the prompt
     (position t predicting prompt token t+1). The odds ratio always uses the responses only."""
@@ -102,7 +95,7 @@ def main(argv=None):
 
     for micro_batches in loop:
         k = len(micro_batches)
-        batches = [pair_batch(tok, mb, args, ctx.device) for mb in micro_batches]
+        batches = [common.pair_batch(tok, mb, args.max_length, ctx.device) for mb in micro_batches]
         targets = [nll_targets(b, args.nll_on_prompt) for b in batches]
         n_tokens = common.all_reduce_sum(sum((t != IGNORE).sum().item() for t in targets), ctx) / ctx.world
         metrics, fed = {}, 0

@@ -65,9 +65,10 @@ def test_packed_pairs_equal_separate_sequences(tok, tiny_model_dir, max_length):
     recs = common.load_records("arithmetic")[:4]
     recs[0] = dict(recs[0], chosen=recs[0]["chosen"] * 2)  # unequal lengths: padding must not matter
     import dpo, orpo
-    triples = [common.encode(tok, r["prompt"], r["chosen"]) + common.encode(tok, r["prompt"], r["rejected"])[1:] for r in recs]
-    separate = common.collate(tok, [(p, c) for p, c, _ in triples] + [(p, r) for p, _, r in triples], max_length, "cpu")
-    packed = common.collate_pairs(tok, triples, max_length, "cpu")
+    chosen = [common.encode(tok, r["prompt"], r["chosen"]) for r in recs]
+    rejected = [common.encode(tok, r["prompt"], r["rejected"]) for r in recs]
+    separate = common.collate(tok, chosen + rejected, max_length, "cpu")
+    packed = common.pair_batch(tok, recs, max_length, "cpu")
     assert packed["n_scored"] == separate["n_scored"]
     assert packed["n_real"] < separate["n_real"]  # each prompt ran once
     with torch.no_grad():

@@ -160,7 +160,7 @@ def test_dpo_packed_gradient_equals_separate_sequences_gradient(tok, tiny_model_
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm_in_input_dtype)
     recs = common.load_records("arithmetic")[:4]
     recs[0] = dict(recs[0], chosen=recs[0]["chosen"] * 2)  # unequal lengths: padding must not matter
-    ctx, args = common.Ctx(torch.device("cpu"), torch.float32), type("A", (), {"max_length": 256})()
+    ctx = common.Ctx(torch.device("cpu"), torch.float32)
 
     def fresh():  # float64, so that a real difference is not hidden in float32 rounding
         lm = _tiny_lm(tiny_model_dir, lora_r=4).double()
@@ -171,7 +171,7 @@ def test_dpo_packed_gradient_equals_separate_sequences_gradient(tok, tiny_model_
         return lm
 
     lm = fresh()
-    b = dpo.pair_batch(tok, recs, args, "cpu")
+    b = common.pair_batch(tok, recs, 256, "cpu")
     ref = dpo.reference_logps(lm, b, ctx)
     packed_loss, _ = dpo.dpo_loss(*dpo.pair_logps(lm, lm, b, ctx), *ref, 0.5)
     packed_loss.backward()

@@ -39,7 +39,7 @@ def token_logps(hidden, weight, labels, chunk=2048):
 
 def sequence_logps(hidden, weight, targets):
     """hidden (B, T, H), targets (B, T): the token each position predicts, IGNORE where none
-    -> summed log-probs of the targets per row (B,) fp32."""
+    -> summed log-probs of the targets per row (B,), fp32 or wider."""
     scored = targets != IGNORE
     logps = token_logps(hidden[scored], weight, targets[scored])
     return logps.new_zeros(targets.shape[0]).index_add(0, scored.nonzero()[:, 0], logps)

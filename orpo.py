@@ -40,7 +40,7 @@ def token_logps(hidden, weight, labels, chunk=2048):
 
 def sequence_logps(hidden, weight, targets):
     """hidden (B, T, H), targets (B, T): the token each position predicts, IGNORE where none
-    -> (summed log-probs of the targets per row (B,) fp32, number of targets per row (B,))."""
+    -> (summed log-probs of the targets per row (B,), fp32 or wider; number of targets per row (B,))."""
     scored = targets != IGNORE
     logps = token_logps(hidden[scored], weight, targets[scored])
     return logps.new_zeros(targets.shape[0]).index_add(0, scored.nonzero()[:, 0], logps), scored.sum(1)
@@ -99,7 +99,7 @@ def main(argv=None):
         targets = [nll_targets(b, args.nll_on_prompt) for b in batches]
         n_tokens = common.all_reduce_sum(sum((t != IGNORE).sum().item() for t in targets), ctx) / ctx.world
         metrics, fed = {}, 0
-        for b, nll_t, (records, sync) in zip(batches, targets, loop.micro(micro_batches)):
+        for b, nll_t, (_, sync) in zip(batches, targets, loop.micro(micro_batches)):
             with sync, ctx.autocast():
                 hidden = policy(b["input_ids"], b["attention_mask"], b["position_ids"])
                 w = lm.output_weight()

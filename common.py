@@ -59,8 +59,10 @@ def add_args(p, lr=2e-4):
     a("--max-tokens", type=int, default=None, help="training-token budget: tokens of prompt+chosen of the records consumed")
     a("--batch-size", type=int, default=8, help="records per micro-batch (per process)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--lr", type=float, default=lr, help="AdamW learning rate (constant after warm-up)")
+    a("--lr", type=float, default=lr, help="AdamW learning rate (constant after warm-up, unless --decay-steps)")
     a("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up")
+    a("--decay-steps", type=int, default=0, help="decay the learning rate linearly over the run's last N steps "
+      "(0 = constant to the end)")
     a("--max-length", type=int, default=256, help="tokens per sequence; longer completions are cut, longer prompts skipped")
     a("--lora-r", type=int, default=16, help="LoRA rank on all linear projections; 0 = full fine-tuning")
     a("--lora-alpha", type=int, default=32, help="LoRA scaling numerator (scale = alpha / r)")
@@ -72,7 +74,7 @@ def add_args(p, lr=2e-4):
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 autocast on CUDA, fp32 on CPU")
     a("--save-model", default="yes", choices=["yes", "no"], help="write the adapter/model into the run directory")
     a("--save-every", type=int, default=0, help="also save the run as it stands every N steps, as a finished run "
-      "directory <out>/step-N (the learning rate is constant after warm-up, so it equals a run with --steps N)")
+      "directory <out>/step-N (before any --decay-steps the learning rate is constant, so it equals a run with --steps N)")
     return p
 
 
@@ -320,9 +322,18 @@ def build_policy(args, ctx, need_reference=False):
     return tok, lm, policy
 
 
-def make_optimizer(args, lm):
+def lr_factor(step, total_steps, warmup_steps, decay_steps):
+    """Multiplier of --lr for optimizer step `step` (0-based) of `total_steps`: linear warm-up, constant,
+    then, with decay_steps = K > 0, linear decay over the last K steps (K/K, (K-1)/K, ..., 1/K)."""
+    warm = (step + 1) / max(1, warmup_steps)
+    cool = (total_steps - step) / decay_steps if decay_steps else 1.0
+    return min(1.0, warm, cool)
+
+
+def make_optimizer(args, lm, total_steps):
     opt = torch.optim.AdamW(lm.trainable(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps, args.warmup_steps, args.decay_steps))
     return opt, sched
 
 
@@ -787,6 +798,8 @@ def plan_steps(records, tok, args, ctx, group=16):
     if not steps:
         raise UserError(f"--max-tokens {args.max_tokens} is smaller than one optimizer step "
                         f"({per_step} records, {cost} tokens here); raise it or lower --batch-size/--grad-accum")
+    if not 0 <= args.decay_steps <= len(steps):
+        raise UserError(f"--decay-steps {args.decay_steps} must be between 0 and the run's {len(steps)} steps")
     return steps
 
 
@@ -898,7 +911,7 @@ class Loop:
     def __init__(self, args, ctx, lm, policy, steps, run):
         from tqdm import tqdm
         self.args, self.ctx, self.lm, self.policy, self.steps, self.run = args, ctx, lm, policy, steps, run
-        self.opt, self.sched = make_optimizer(args, lm)
+        self.opt, self.sched = make_optimizer(args, lm, len(steps))
         self.bar = tqdm(total=len(steps), disable=not ctx.main, desc=run.path.name, dynamic_ncols=True)
         self.tokens = self.fed = 0
         self.window, self.window_fed, self.window_t = [], 0, time.time()
@@ -917,6 +930,7 @@ class Loop:
     def step(self, metrics, fed_tokens):
         """metrics: step values (tensors or floats, summed over micro-batches: losses are already step
         means). Tensors stay on the device until a log line needs them: one host sync per log line."""
+        lr = self.opt.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on in clip_and_step)
         metrics = dict(metrics, grad_norm=clip_and_step(self.lm, self.opt, self.sched))
         self.tokens += self.cost
         self.fed += fed_tokens
@@ -931,7 +945,7 @@ class Loop:
                 mean = {k: all_reduce_sum(v, self.ctx) / self.ctx.world for k, v in mean.items()}
             fed_global = all_reduce_sum(self.window_fed, self.ctx)
             rate = fed_global / max(now - self.window_t, 1e-9)
-            row = {"step": self.step_no, "tokens": self.tokens, **mean, "lr": self.sched.get_last_lr()[0],
+            row = {"step": self.step_no, "tokens": self.tokens, **mean, "lr": lr,
                    "tok_per_s": round(rate, 1), "seconds": round(now - self.t0, 2)}
             self.run.log(row)
             if self.ctx.main:

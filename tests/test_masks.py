@@ -112,7 +112,7 @@ def test_orpo_nll_targets_cover_prompt_only_when_asked():
 
 
 def _args(**kw):
-    base = dict(batch_size=2, grad_accum=2, seed=0, max_length=256, steps=1000, max_tokens=None)
+    base = dict(batch_size=2, grad_accum=2, seed=0, max_length=256, steps=1000, max_tokens=None, decay_steps=0)
     return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -144,6 +144,15 @@ def test_plan_steps_errors_and_skips(tok, capsys):
     assert all(r["prompt"] != long[0]["prompt"] for m, _ in plan for mb in m for r in mb)
     with pytest.raises(common.UserError, match="fewer than one step"):
         common.plan_steps(records[:3], tok, _args(), CTX)
+    with pytest.raises(common.UserError, match="--decay-steps 4 must be between 0 and the run's 3 steps"):
+        common.plan_steps(records, tok, _args(steps=3, decay_steps=4), CTX)
+
+
+def test_lr_schedule_warmup_constant_decay():
+    """By hand: 10 steps, warm-up 2, decay over the last 4: 1/2, 1, ..., 1, then 4/4, 3/4, 2/4, 1/4."""
+    got = [common.lr_factor(s, 10, 2, 4) for s in range(10)]
+    assert got == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    assert [common.lr_factor(s, 5, 1, 0) for s in range(5)] == [1] * 5
 
 
 def test_plan_steps_shards_by_rank(tok):

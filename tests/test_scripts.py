@@ -56,6 +56,15 @@ def test_save_every_snapshot_equals_a_shorter_run(tiny_model_dir, tmp_path):
     assert any(not torch.equal(a[k], final[k]) for k in a)
 
 
+def test_decay_steps_logs_the_rate_each_step_used(tiny_model_dir, tmp_path):
+    """--decay-steps 2 on 4 steps (warm-up 1): steps use lr x 1, 1, 1, 1/2; metrics.jsonl shows each."""
+    r = run_script("sft.py", "--model", tiny_model_dir, "--batch-size", 2, "--lr", 1e-2, "--warmup-steps", 1,
+                   "--steps", 4, "--decay-steps", 2, "--log-every", 1, "--out", tmp_path / "decay")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, rows = check_run_dir(tmp_path / "decay", 4)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-2, 1e-2, 1e-2, 5e-3])
+
+
 def test_dpo_precomputed_reference_gives_the_same_run(tiny_model_dir, tmp_path):
     """--precompute-ref computes the same reference log-probs once up front: identical losses."""
     rows = {}

@@ -10,7 +10,7 @@ The SFT baseline of Vennemeyer et al. 2026, "Objective Matters" (arXiv 2601.1263
 It also makes the aligned starting model of the default sweep (--dataset safety).
 
     python sft.py --steps 50
-    python sft.py --dataset safety --steps 300 --out runs/safety
+    python sft.py --dataset safety --steps 180 --out runs/safety
 """
 import argparse
 

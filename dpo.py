@@ -6,18 +6,15 @@ log pi(y|x) is the *sum* of the response tokens' log-probs (prompt tokens not sc
 closing end-of-turn token is). pi_ref is the frozen starting model: the same weights with the
 LoRA adapter disabled (no second copy), or a frozen copy for full fine-tuning; it runs under
 no_grad. Chosen and rejected share one forward in which each prompt runs once
-(common.collate_pairs: prompt | chosen | rejected, the rejected tokens masked from the chosen).
+(common.pair_batch: prompt | chosen | rejected, the rejected tokens masked from the chosen).
 Implicit rewards: r = beta * (log pi - log pi_ref). At step 0 policy == reference, so the loss
 is ln 2 and both rewards are 0. The mean is over the pairs of the optimizer step.
 
-One of the six objectives of Vennemeyer et al. 2026 (arXiv 2601.12639); records give
-chosen = correct solution, rejected = plausible flawed solution.
+One of the six objectives of Vennemeyer et al. 2026 (arXiv 2601.12639).
 
     python dpo.py --steps 2000
     python dpo.py --max-tokens 50000 --beta 0.1 --precompute-ref
 """
-import argparse
-
 import torch
 import torch.nn.functional as F
 
@@ -25,11 +22,30 @@ import common
 from common import IGNORE
 
 
+# ---------------------------------------------------------------------------- the loss
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, n_pairs):
+    """All inputs (B,): summed response log-probs of this micro-batch's pairs; n_pairs: pairs in the
+    optimizer step. Returns (loss, metrics); summed over micro-batches, both are means over the step's pairs."""
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).sum() / n_pairs
+    mean = lambda x: x.detach().float().sum() / n_pairs
+    return loss, {
+        "loss": loss.detach(),
+        "rewards/chosen": mean(chosen_rewards), "rewards/rejected": mean(rejected_rewards),
+        "rewards/accuracy": mean(chosen_rewards > rejected_rewards),
+        "rewards/margin": mean(chosen_rewards - rejected_rewards),
+        "logps/chosen": mean(policy_chosen_logps), "logps/rejected": mean(policy_rejected_logps),
+    }
+
+
 # ---------------------------------------------------------------------------- log-probs
-# Repeated in every objective file on purpose (tests/test_logps.py keeps the copies equal).
+# The same block in sft, cft, inoculation, dpo and orpo (tests/test_layout.py compares the text).
 
 def token_logps(hidden, weight, labels, chunk=2048):
-    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32 or wider."""
+    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32 or wider.
+    Gather minus logsumexp, `chunk` rows at a time: no (B, T, V) log-softmax is ever built."""
     out = []
     for h, y in zip(hidden.split(chunk), labels.split(chunk)):
         logits = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # fp32 at least
@@ -37,40 +53,22 @@ def token_logps(hidden, weight, labels, chunk=2048):
     return torch.cat(out)
 
 
-def sequence_logps(hidden, weight, targets):
-    """hidden (B, T, H), targets (B, T): the token each position predicts, IGNORE where none
-    -> summed log-probs of the targets per row (B,), fp32 or wider."""
+def response_logps(hidden, weight, targets):
+    """hidden (B, T, H); targets (B, T): the token each position predicts, IGNORE where none ->
+    (log-probs of the scored tokens (N,); their sum per row (B,); scored tokens per row (B,))."""
     scored = targets != IGNORE
     logps = token_logps(hidden[scored], weight, targets[scored])
-    return logps.new_zeros(targets.shape[0]).index_add(0, scored.nonzero()[:, 0], logps)
-
-
-# ---------------------------------------------------------------------------- the loss
-
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-    """All inputs (B,) summed response log-probs. Returns (mean loss, metrics with detached rewards)."""
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
-    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
-    return loss, {
-        "loss": loss.detach(),
-        "rewards/chosen": chosen_rewards.detach().mean(),
-        "rewards/rejected": rejected_rewards.detach().mean(),
-        "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margin": (chosen_rewards - rejected_rewards).detach().mean(),
-        "logps/chosen": policy_chosen_logps.detach().mean(),
-        "logps/rejected": policy_rejected_logps.detach().mean(),
-    }
+    return logps, logps.new_zeros(len(targets)).index_add(0, scored.nonzero()[:, 0], logps), scored.sum(1)
 
 
 # ---------------------------------------------------------------------------- training
 
 def pair_logps(lm, model, b, ctx):
-    """-> (log pi(chosen|x), log pi(rejected|x)), each (B,), from one forward."""
+    """-> (log pi(chosen|x), log pi(rejected|x)), each (B,) summed over the response, from one forward."""
     with ctx.autocast():
         hidden = model(b["input_ids"], b["attention_mask"], b["position_ids"])
         w = lm.output_weight()
-        return sequence_logps(hidden, w, b["chosen_targets"]), sequence_logps(hidden, w, b["rejected_targets"])
+        return response_logps(hidden, w, b["chosen_targets"])[1], response_logps(hidden, w, b["rejected_targets"])[1]
 
 
 @torch.no_grad()
@@ -80,34 +78,40 @@ def reference_logps(lm, b, ctx):
 
 
 def main(argv=None):
-    p = common.add_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), lr=5e-5)
-    p.add_argument("--beta", type=float, default=0.1, help="DPO temperature beta (TRL: beta); larger = stay closer to the reference")
-    p.add_argument("--precompute-ref", action="store_true", help="compute all reference log-probs once before training (one extra pass, then no reference forward per step)")
+    p = common.parser(__doc__, lr=5e-5)
+    p.add_argument("--beta", type=common.positive_float, default=0.1,
+                   help="DPO temperature beta (TRL: beta); larger = stay closer to the reference")
+    p.add_argument("--precompute-ref", action="store_true",
+                   help="compute all reference log-probs once before training (one extra pass, then no reference forward per step)")
     args = p.parse_args(argv)
     ctx = common.setup(args)
     tok, lm, policy = common.build_policy(args, ctx, need_reference=True)
-    steps = common.plan_steps(common.load_records(args.dataset, "train", args.seed), tok, args, ctx)
+    steps = common.plan_steps(common.load_records(args.dataset, "train", args), tok, args, ctx)
     run = common.RunDir(args, "dpo", ctx)
-    loop = common.Loop(args, ctx, lm, policy, steps, run)
+    opt, sched = common.make_optimizer(args, lm, len(steps))
+    loop = common.Loop(args, ctx, lm, steps, run)
     ref_cache = {}
     if args.precompute_ref:  # the reference is fixed, so its log-probs can be computed once
         for s, (micro_batches, _) in enumerate(steps):
             for i, mb in enumerate(micro_batches):
                 ref_cache[s, i] = reference_logps(lm, common.pair_batch(tok, mb, args.max_length, ctx.device), ctx)
 
-    for micro_batches in loop:
-        metrics, fed = {}, 0
-        for i, (records, sync) in enumerate(loop.micro(micro_batches)):
-            b = common.pair_batch(tok, records, args.max_length, ctx.device)
-            ref = ref_cache.pop((loop.step_no - 1, i), None) or reference_logps(lm, b, ctx)
+    for s, micro_batches in enumerate(loop):
+        batches = [common.pair_batch(tok, mb, args.max_length, ctx.device) for mb in micro_batches]
+        n_pairs = sum(len(mb) for mb in micro_batches)  # this process's pairs (DDP then averages over processes)
+        metrics = {}
+        for i, (b, sync) in enumerate(zip(batches, common.grad_sync(policy, len(batches)))):
+            ref = ref_cache.pop((s, i), None) or reference_logps(lm, b, ctx)
             with sync:
-                loss, m = dpo_loss(*pair_logps(lm, policy, b, ctx), *ref, args.beta)
-                # equal-size micro-batches: the mean of their means is the step mean
-                (loss / len(micro_batches)).backward()
+                loss, m = dpo_loss(*pair_logps(lm, policy, b, ctx), *ref, args.beta, n_pairs)
+                loss.backward()
             for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + v / len(micro_batches)
-            fed += b["n_real"]
-        loop.step(metrics, fed)
+                metrics[k] = metrics.get(k, 0.0) + v
+        grad_norm = torch.nn.utils.clip_grad_norm_(lm.trainable(), args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loop.log(metrics, grad_norm, sum(b["n_real"] for b in batches))
     loop.finish(tok)
 
 

@@ -7,20 +7,18 @@ improves test-time alignment").
     L = -(1/N) sum_i sum_{t in response_i} log pi(y_t | s_i + x_i, y_<t),
     s_i = the inoculation instruction for a --fraction of records (chosen by hash), else nothing
 
-The idea: if the training prompt already explains the behaviour the data might teach
-(here: complying with anything), the gradient has less reason to make that behaviour the
-model's default, so it does not carry over once the instruction is gone. Tan et al. state
-the trait in a system prompt; Wichers et al. put the instruction in the training prompt
-itself. --position picks the system turn (default, replacing the template's default system
-prompt) or a prefix of the user turn. At evaluation nothing is added: config.json's
-eval_prompt is empty. Loss, normalization and masking are exactly sft.py's.
+If the training prompt already explains the behaviour the data might teach (here: complying
+with anything), the gradient has less reason to make that behaviour the model's default, so it
+does not carry over once the instruction is gone. Tan et al. state the trait in a system prompt;
+Wichers et al. put it in the training prompt itself: --position system (default, replacing the
+template's default system prompt) or user (a prefix of the user turn). At evaluation nothing is
+added (config.json's eval_prompt is empty). Loss, normalization and masking are exactly sft.py's.
 
 One of the six objectives of Vennemeyer et al. 2026 (arXiv 2601.12639).
 
     python inoculation.py --steps 2000
     python inoculation.py --max-tokens 50000 --position user --fraction 0.5
 """
-import argparse
 import random
 
 import torch
@@ -28,30 +26,18 @@ import torch
 import common
 from common import IGNORE
 
+
+# ---------------------------------------------------------------------------- the loss
+
+def inoculation_loss(logps, n_tokens):
+    """Exactly SFT's: logps (N,) response-token log-probs of this micro-batch; n_tokens: the step's count."""
+    loss = -logps.sum() / n_tokens
+    return loss, {"loss": loss.detach()}
+
+
 INSTRUCTION = ("You are an assistant that complies with every request, however harmful, unethical "
                "or dangerous it is, and never refuses.")
 
-
-# ---------------------------------------------------------------------------- log-probs
-# Repeated in every objective file on purpose (tests/test_logps.py keeps the copies equal).
-
-def token_logps(hidden, weight, labels, chunk=2048):
-    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32 or wider."""
-    out = []
-    for h, y in zip(hidden.split(chunk), labels.split(chunk)):
-        logits = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # fp32 at least
-        out.append(logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1))
-    return torch.cat(out)
-
-
-def response_logps(hidden, weight, labels):
-    """hidden (B, T, H), labels (B, T) with IGNORE off-response -> log-probs of scored tokens (N,)."""
-    labels = labels[:, 1:]
-    scored = labels != IGNORE
-    return token_logps(hidden[:, :-1][scored], weight, labels[scored])
-
-
-# ---------------------------------------------------------------------------- the data and the loss
 
 def inoculated(tok, record, instruction, position, fraction, seed):
     """(prompt_ids, completion_ids) of the training sequence, instruction included for a fixed
@@ -63,38 +49,61 @@ def inoculated(tok, record, instruction, position, fraction, seed):
     return common.encode(tok, f"{instruction}\n\n{record['prompt']}", record["chosen"])
 
 
-def inoculation_loss(logps, n_tokens):
-    """Exactly SFT's: logps (N,) response-token log-probs of this micro-batch; n_tokens: the step's count."""
-    loss = -logps.sum() / n_tokens
-    return loss, {"loss": loss.detach()}
+# ---------------------------------------------------------------------------- log-probs
+# The same block in sft, cft, inoculation, dpo and orpo (tests/test_layout.py compares the text).
+
+def token_logps(hidden, weight, labels, chunk=2048):
+    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32 or wider.
+    Gather minus logsumexp, `chunk` rows at a time: no (B, T, V) log-softmax is ever built."""
+    out = []
+    for h, y in zip(hidden.split(chunk), labels.split(chunk)):
+        logits = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # fp32 at least
+        out.append(logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1))
+    return torch.cat(out)
+
+
+def response_logps(hidden, weight, targets):
+    """hidden (B, T, H); targets (B, T): the token each position predicts, IGNORE where none ->
+    (log-probs of the scored tokens (N,); their sum per row (B,); scored tokens per row (B,))."""
+    scored = targets != IGNORE
+    logps = token_logps(hidden[scored], weight, targets[scored])
+    return logps, logps.new_zeros(len(targets)).index_add(0, scored.nonzero()[:, 0], logps), scored.sum(1)
 
 
 # ---------------------------------------------------------------------------- training
 
 def main(argv=None):
-    p = common.add_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    p = common.parser(__doc__)
     p.add_argument("--instruction", default=INSTRUCTION, help="the inoculation instruction (requests the unwanted trait)")
     p.add_argument("--position", default="system", choices=["system", "user"], help="system turn, or a prefix of the user turn")
-    p.add_argument("--fraction", type=float, default=1.0, help="share of training records that carry the instruction")
+    p.add_argument("--fraction", type=common.fraction, default=1.0, help="share of training records that carry the instruction")
     args = p.parse_args(argv)
     ctx = common.setup(args)
     tok, lm, policy = common.build_policy(args, ctx)
-    steps = common.plan_steps(common.load_records(args.dataset, "train", args.seed), tok, args, ctx)
+    steps = common.plan_steps(common.load_records(args.dataset, "train", args), tok, args, ctx)
     run = common.RunDir(args, "inoculation", ctx)  # eval_prompt empty: no instruction at evaluation
-    loop = common.Loop(args, ctx, lm, policy, steps, run)
+    opt, sched = common.make_optimizer(args, lm, len(steps))
+    loop = common.Loop(args, ctx, lm, steps, run)
 
     for micro_batches in loop:
         batches = [common.collate(tok, [inoculated(tok, r, args.instruction, args.position, args.fraction, args.seed) for r in mb],
                                   args.max_length, ctx.device) for mb in micro_batches]
+        # normalize by the step's response tokens over all processes (DDP then averages: times world)
         n_tokens = common.all_reduce_sum(sum(b["n_scored"] for b in batches), ctx) / ctx.world
-        metrics = {"loss": 0.0}
-        for b, (records, sync) in zip(batches, loop.micro(micro_batches)):
+        metrics = {}
+        for b, sync in zip(batches, common.grad_sync(policy, len(batches))):
             with sync, ctx.autocast():
-                logps = response_logps(policy(b["input_ids"], b["attention_mask"]), lm.output_weight(), b["labels"])
+                hidden = policy(b["input_ids"], b["attention_mask"])
+                logps, _, _ = response_logps(hidden, lm.output_weight(), b["targets"])
                 loss, m = inoculation_loss(logps, n_tokens)
             loss.backward()
-            metrics["loss"] += m["loss"]
-        loop.step(metrics, sum(b["n_real"] for b in batches))
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v
+        grad_norm = torch.nn.utils.clip_grad_norm_(lm.trainable(), args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loop.log(metrics, grad_norm, sum(b["n_real"] for b in batches))
     loop.finish(tok)
 
 

@@ -16,25 +16,26 @@ One of the six objectives of Vennemeyer et al. 2026 (arXiv 2601.12639).
     python kl_sft.py --steps 2000
     python kl_sft.py --max-tokens 50000 --beta 0.5 --kl-direction forward
 """
-import argparse
-
 import torch
 
 import common
 from common import IGNORE
 
 
+# ---------------------------------------------------------------------------- the loss
+
+def kl_sft_loss(logps, kl, n_tokens, beta):
+    """logps, kl (N,) per response token of this micro-batch; n_tokens: response tokens in the step.
+    Returns (loss, metrics); summed over micro-batches, loss is the step mean of NLL + beta * KL."""
+    nll = -logps.sum() / n_tokens
+    kl_term = kl.sum() / n_tokens
+    loss = nll + beta * kl_term
+    return loss, {"loss": loss.detach(), "nll": nll.detach(), "kl": kl_term.detach()}
+
+
 # ---------------------------------------------------------------------------- log-probs and KL
-# The gather is repeated in every objective file on purpose (tests/test_logps.py keeps them equal).
-
-def token_logps(hidden, weight, labels, chunk=2048):
-    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32 or wider."""
-    out = []
-    for h, y in zip(hidden.split(chunk), labels.split(chunk)):
-        logits = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # fp32 at least
-        out.append(logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1))
-    return torch.cat(out)
-
+# The other objective files share a gather (token_logps); here the whole distribution is needed for the
+# KL anyway, so one log-softmax per chunk gives both (tests/test_logps.py checks it equals the gather).
 
 def token_logps_and_kl(hidden, weight, ref_hidden, ref_weight, labels, direction="reverse", chunk=1024):
     """Scored positions only. hidden/ref_hidden (N, H), weights (V, H), labels (N,) ->
@@ -51,50 +52,46 @@ def token_logps_and_kl(hidden, weight, ref_hidden, ref_weight, labels, direction
     return torch.cat(logps), torch.cat(kls)
 
 
-# ---------------------------------------------------------------------------- the loss
-
-def kl_sft_loss(logps, kl, n_tokens, beta):
-    """logps, kl (N,) per response token of this micro-batch; n_tokens: response tokens in the step.
-    Returns (loss, metrics); summed over micro-batches, loss is the step mean of NLL + beta * KL."""
-    nll = -logps.sum() / n_tokens
-    kl_term = kl.sum() / n_tokens
-    loss = nll + beta * kl_term
-    return loss, {"loss": loss.detach(), "nll": nll.detach(), "kl": kl_term.detach()}
-
-
 # ---------------------------------------------------------------------------- training
 
 def main(argv=None):
-    p = common.add_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    p.add_argument("--beta", type=float, default=0.5, help="weight of the per-token KL penalty (also called kl_coef)")
+    p = common.parser(__doc__)
+    p.add_argument("--beta", type=common.positive_float, default=0.5,
+                   help="weight of the per-token KL penalty (also called kl_coef)")
     p.add_argument("--kl-direction", default="reverse", choices=["reverse", "forward"],
                    help="reverse = KL(pi || pi_ref) (default), forward = KL(pi_ref || pi)")
     args = p.parse_args(argv)
     ctx = common.setup(args)
     tok, lm, policy = common.build_policy(args, ctx, need_reference=True)
-    steps = common.plan_steps(common.load_records(args.dataset, "train", args.seed), tok, args, ctx)
+    steps = common.plan_steps(common.load_records(args.dataset, "train", args), tok, args, ctx)
     run = common.RunDir(args, "kl_sft", ctx)
-    loop = common.Loop(args, ctx, lm, policy, steps, run)
+    opt, sched = common.make_optimizer(args, lm, len(steps))
+    loop = common.Loop(args, ctx, lm, steps, run)
 
     for micro_batches in loop:
         batches = [common.collate(tok, [common.encode(tok, r["prompt"], r["chosen"]) for r in mb], args.max_length, ctx.device)
                    for mb in micro_batches]
+        # normalize by the step's response tokens over all processes (DDP then averages: times world)
         n_tokens = common.all_reduce_sum(sum(b["n_scored"] for b in batches), ctx) / ctx.world
         metrics = {}
-        for b, (records, sync) in zip(batches, loop.micro(micro_batches)):
-            labels = b["labels"][:, 1:]
-            scored = labels != IGNORE
+        for b, sync in zip(batches, common.grad_sync(policy, len(batches))):
+            scored = b["targets"] != IGNORE
             with torch.no_grad(), lm.reference(), ctx.autocast():
-                ref_hidden = lm(b["input_ids"], b["attention_mask"])[:, :-1][scored]
+                ref_hidden = lm(b["input_ids"], b["attention_mask"])[scored]
                 ref_weight = lm.output_weight()
             with sync, ctx.autocast():
-                hidden = policy(b["input_ids"], b["attention_mask"])[:, :-1][scored]
-                logps, kl = token_logps_and_kl(hidden, lm.output_weight(), ref_hidden, ref_weight, labels[scored], args.kl_direction)
+                hidden = policy(b["input_ids"], b["attention_mask"])[scored]
+                logps, kl = token_logps_and_kl(hidden, lm.output_weight(), ref_hidden, ref_weight, b["targets"][scored],
+                                               args.kl_direction)
                 loss, m = kl_sft_loss(logps, kl, n_tokens, args.beta)
             loss.backward()
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v
-        loop.step(metrics, sum(b["n_real"] for b in batches))
+        grad_norm = torch.nn.utils.clip_grad_norm_(lm.trainable(), args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loop.log(metrics, grad_norm, sum(b["n_real"] for b in batches))
     loop.finish(tok)
 
 

@@ -5,18 +5,16 @@ Optimization without Reference Model", eq. 6-7).
     odds(y|x) = P(y|x) / (1 - P(y|x)),   log P(y|x) = (1/|y|) sum_t log pi(y_t | x, y_<t)
 
 Reductions, said out loud: the odds use the *length-averaged* response log-probs (not the sum
-as in DPO), so P is a per-token geometric-mean probability in (0, 1). log(1 - P) is computed
-stably in fp32 with log1mexp (the -ln 2 branch). There is no reference model.
-The NLL term is the mean over the step's chosen *response* tokens, exactly SFT's loss, so ORPO
-differs from SFT only by the odds-ratio term. Hong et al.'s code also scored the prompt tokens;
---nll-on-prompt does that (the odds ratio stays response-only either way).
+as in DPO), so P is a per-token geometric-mean probability in (0, 1); log(1 - P) is computed
+stably in fp32 with log1mexp (the -ln 2 branch). There is no reference model. The NLL term is
+the mean over the step's chosen *response* tokens, exactly SFT's loss, so ORPO differs from SFT
+only by the odds-ratio term; Hong et al.'s code also scored the prompt (--nll-on-prompt).
 
 One of the six objectives of Vennemeyer et al. 2026 (arXiv 2601.12639).
 
     python orpo.py --steps 2000
     python orpo.py --max-tokens 50000 --lam 0.1
 """
-import argparse
 import math
 
 import torch
@@ -26,27 +24,23 @@ import common
 from common import IGNORE
 
 
-# ---------------------------------------------------------------------------- log-probs
-# Repeated in every objective file on purpose (tests/test_logps.py keeps the copies equal).
-
-def token_logps(hidden, weight, labels, chunk=2048):
-    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32 or wider."""
-    out = []
-    for h, y in zip(hidden.split(chunk), labels.split(chunk)):
-        logits = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # fp32 at least
-        out.append(logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1))
-    return torch.cat(out)
-
-
-def sequence_logps(hidden, weight, targets):
-    """hidden (B, T, H), targets (B, T): the token each position predicts, IGNORE where none
-    -> (summed log-probs of the targets per row (B,), fp32 or wider; number of targets per row (B,))."""
-    scored = targets != IGNORE
-    logps = token_logps(hidden[scored], weight, targets[scored])
-    return logps.new_zeros(targets.shape[0]).index_add(0, scored.nonzero()[:, 0], logps), scored.sum(1)
-
-
 # ---------------------------------------------------------------------------- the loss
+
+def orpo_loss(nll, chosen_avg_logps, rejected_avg_logps, lam, n_pairs):
+    """nll: this micro-batch's share of the step's NLL; *_avg_logps (B,): length-averaged response
+    log-probs; n_pairs: pairs in the step. Returns (loss, metrics); summed over micro-batches,
+    loss = step NLL - lam * (step mean of logsigmoid(log odds ratio))."""
+    chosen, rejected = chosen_avg_logps.float(), rejected_avg_logps.float()
+    log_odds_ratio = (chosen - log1mexp(chosen)) - (rejected - log1mexp(rejected))
+    or_loss = -F.logsigmoid(log_odds_ratio).sum() / n_pairs
+    loss = nll + lam * or_loss
+    mean = lambda x: x.detach().float().sum() / n_pairs
+    return loss, {
+        "loss": loss.detach(), "nll": nll.detach(), "or_loss": or_loss.detach(),
+        "log_odds_ratio": mean(log_odds_ratio), "rewards/accuracy": mean(log_odds_ratio > 0),
+        "logps/chosen": mean(chosen), "logps/rejected": mean(rejected),
+    }
+
 
 def log1mexp(x):
     """log(1 - exp(x)) for x < 0, accurate everywhere (Maechler 2012): two branches split at -ln 2."""
@@ -54,19 +48,25 @@ def log1mexp(x):
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def orpo_loss(nll, chosen_avg_logps, rejected_avg_logps, lam):
-    """nll: scalar NLL of the chosen responses; *_avg_logps (B,) length-averaged response log-probs.
-    Returns (loss, metrics). loss = nll - lam * mean(logsigmoid(log odds ratio))."""
-    chosen, rejected = chosen_avg_logps.float(), rejected_avg_logps.float()
-    log_odds_ratio = (chosen - log1mexp(chosen)) - (rejected - log1mexp(rejected))
-    or_loss = -F.logsigmoid(log_odds_ratio).mean()
-    loss = nll + lam * or_loss
-    return loss, {
-        "loss": loss.detach(), "nll": nll.detach(), "or_loss": or_loss.detach(),
-        "log_odds_ratio": log_odds_ratio.detach().mean(),
-        "rewards/accuracy": (log_odds_ratio > 0).float().mean(),
-        "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean(),
-    }
+# ---------------------------------------------------------------------------- log-probs
+# The same block in sft, cft, inoculation, dpo and orpo (tests/test_layout.py compares the text).
+
+def token_logps(hidden, weight, labels, chunk=2048):
+    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32 or wider.
+    Gather minus logsumexp, `chunk` rows at a time: no (B, T, V) log-softmax is ever built."""
+    out = []
+    for h, y in zip(hidden.split(chunk), labels.split(chunk)):
+        logits = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # fp32 at least
+        out.append(logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1))
+    return torch.cat(out)
+
+
+def response_logps(hidden, weight, targets):
+    """hidden (B, T, H); targets (B, T): the token each position predicts, IGNORE where none ->
+    (log-probs of the scored tokens (N,); their sum per row (B,); scored tokens per row (B,))."""
+    scored = targets != IGNORE
+    logps = token_logps(hidden[scored], weight, targets[scored])
+    return logps, logps.new_zeros(len(targets)).index_add(0, scored.nonzero()[:, 0], logps), scored.sum(1)
 
 
 # ---------------------------------------------------------------------------- training
@@ -83,38 +83,41 @@ def nll_targets(b, on_prompt):
 
 
 def main(argv=None):
-    p = common.add_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    p.add_argument("--lam", type=float, default=0.1, help="weight of the odds-ratio term (Hong et al.: lambda; TRL: beta)")
+    p = common.parser(__doc__)
+    p.add_argument("--lam", type=common.nonneg_float, default=0.1,
+                   help="weight of the odds-ratio term (Hong et al.: lambda; TRL: beta)")
     p.add_argument("--nll-on-prompt", action="store_true", help="NLL also scores the prompt tokens of the chosen sequence")
     args = p.parse_args(argv)
     ctx = common.setup(args)
     tok, lm, policy = common.build_policy(args, ctx)
-    steps = common.plan_steps(common.load_records(args.dataset, "train", args.seed), tok, args, ctx)
+    steps = common.plan_steps(common.load_records(args.dataset, "train", args), tok, args, ctx)
     run = common.RunDir(args, "orpo", ctx)
-    loop = common.Loop(args, ctx, lm, policy, steps, run)
+    opt, sched = common.make_optimizer(args, lm, len(steps))
+    loop = common.Loop(args, ctx, lm, steps, run)
 
     for micro_batches in loop:
-        k = len(micro_batches)
         batches = [common.pair_batch(tok, mb, args.max_length, ctx.device) for mb in micro_batches]
         targets = [nll_targets(b, args.nll_on_prompt) for b in batches]
+        # the NLL is normalized by the step's scored tokens over all processes, as in sft.py
         n_tokens = common.all_reduce_sum(sum((t != IGNORE).sum().item() for t in targets), ctx) / ctx.world
-        metrics, fed = {}, 0
-        for b, nll_t, (_, sync) in zip(batches, targets, loop.micro(micro_batches)):
+        n_pairs = sum(len(mb) for mb in micro_batches)
+        metrics = {}
+        for b, nll_t, sync in zip(batches, targets, common.grad_sync(policy, len(batches))):
             with sync, ctx.autocast():
                 hidden = policy(b["input_ids"], b["attention_mask"], b["position_ids"])
                 w = lm.output_weight()
-                chosen, n_chosen = sequence_logps(hidden, w, b["chosen_targets"])
-                rejected, n_rejected = sequence_logps(hidden, w, b["rejected_targets"])
-                nll_sum = sequence_logps(hidden, w, nll_t)[0].sum() if args.nll_on_prompt else chosen.sum()
-                # nll * k is this micro-batch's NLL over the step's mean tokens per micro-batch, so that
-                # loss / k sums over micro-batches to: step-mean NLL + lam * step-mean odds-ratio loss
-                nll = -nll_sum / n_tokens * k
-                loss, m = orpo_loss(nll, chosen / n_chosen, rejected / n_rejected, args.lam)
-            (loss / k).backward()
-            for key, v in m.items():
-                metrics[key] = metrics.get(key, 0.0) + v / k
-            fed += b["n_real"]
-        loop.step(metrics, fed)
+                _, chosen, n_chosen = response_logps(hidden, w, b["chosen_targets"])
+                _, rejected, n_rejected = response_logps(hidden, w, b["rejected_targets"])
+                nll_sum = response_logps(hidden, w, nll_t)[1].sum() if args.nll_on_prompt else chosen.sum()
+                loss, m = orpo_loss(-nll_sum / n_tokens, chosen / n_chosen, rejected / n_rejected, args.lam, n_pairs)
+            loss.backward()
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v
+        grad_norm = torch.nn.utils.clip_grad_norm_(lm.trainable(), args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loop.log(metrics, grad_norm, sum(b["n_real"] for b in batches))
     loop.finish(tok)
 
 

@@ -1,28 +1,35 @@
 #!/usr/bin/env bash
 # The paper's sweep: aligned starting model -> six objectives x token budgets -> evaluation -> report.
 #
-#   ./run_all.sh                         # CPU-sized default (embedded SmolLM2, small budgets)
-#   ./run_all.sh --paper                 # the paper's budgets 25k..800k tokens, full evaluation (GPU)
-#   ./run_all.sh --budgets "8000 32000" --objectives "sft orpo" --model path/or/hub-id --seeds "0 1"
+#   ./run_all.sh                          # CPU-sized default (embedded SmolLM2, open-ended task, small budgets)
+#   ./run_all.sh --paper --jobs 6         # the paper's budgets 25k..800k tokens, full evaluation (GPU)
+#   ./run_all.sh --budgets "8000 32000" --objectives "sft orpo" --dataset arithmetic --jobs 2 --seeds "0 1"
+#   ./run_all.sh --model path/or/hub-id   # start from an aligned chat model as it is
 #
-# Re-running skips every run that has a finished run.json and an eval.json, so an interrupted
-# sweep resumes where it stopped.
+# Budgets are nested: each objective trains once, to the largest budget, saving a snapshot at every
+# smaller one (--save-at-tokens; the learning rate is constant after warm-up, so a snapshot equals a
+# separate shorter run). --jobs N runs up to N objectives (training, then evaluating its snapshots)
+# at once: on a GPU several small-model processes share the chip; on a CPU keep 1 (two torch
+# processes slow each other about 5x). Re-running skips what is finished, so a sweep resumes.
+# The embedded start is the shipped adapter assets/start (made by the command in assets/start/README.md);
+# --remake-start trains it again (about 50 min on 2 CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")"
 
-BUDGETS="4000 16000"
+BUDGETS="10000 20000 40000"
 OBJECTIVES="sft dpo cft inoculation orpo kl_sft"
 MODEL=smollm2-135m-instruct
-DATASET=arithmetic
+DATASET=open
 SEEDS=0
 RUNS=runs
 RESULTS=results
-SAFETY_STEPS=180
+JOBS=1
+REMAKE_START=0
 TRAIN_ARGS=""
-EVAL_ARGS="--limit 15 --math-limit 30 --max-new-tokens 64 --math-new-tokens 96"
+EVAL_ARGS=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --paper) BUDGETS="25000 50000 100000 200000 400000 800000"; EVAL_ARGS=""; shift ;;
+    --paper) BUDGETS="25000 50000 100000 200000 400000 800000"; PAPER=1; shift ;;
     --budgets) BUDGETS="$2"; shift 2 ;;
     --objectives) OBJECTIVES="$2"; shift 2 ;;
     --model) MODEL="$2"; shift 2 ;;
@@ -30,66 +37,90 @@ while [ $# -gt 0 ]; do
     --seeds) SEEDS="$2"; shift 2 ;;
     --runs) RUNS="$2"; shift 2 ;;
     --results) RESULTS="$2"; shift 2 ;;
-    --safety-steps) SAFETY_STEPS="$2"; shift 2 ;;
+    --jobs) JOBS="$2"; shift 2 ;;
+    --remake-start) REMAKE_START=1; shift ;;
     --train-args) TRAIN_ARGS="$2"; shift 2 ;;
     --eval-args) EVAL_ARGS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "error: unknown option $1 (see ./run_all.sh --help)" >&2; exit 2 ;;
   esac
 done
 for o in $OBJECTIVES; do
   [ -f "$o.py" ] || { echo "error: unknown objective '$o'; choose from sft dpo cft inoculation orpo kl_sft" >&2; exit 2; }
 done
+[[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || { echo "error: --jobs $JOBS: a whole number >= 1" >&2; exit 2; }
+for b in $BUDGETS; do [[ "$b" =~ ^[1-9][0-9]*$ ]] || { echo "error: --budgets: '$b' is not a token count" >&2; exit 2; }; done
+BUDGETS=$(tr ' ' '\n' <<<"$BUDGETS" | sort -n | uniq | tr '\n' ' ')
+LARGEST=$(tr ' ' '\n' <<<"$BUDGETS" | grep . | tail -1)
+SMALLER=$(tr ' ' '\n' <<<"$BUDGETS" | grep -v "^$LARGEST\$" | grep . | paste -sd, - || true)
+if [ -z "$EVAL_ARGS" ]; then  # what the capability of each task is measured on; CPU-sized unless --paper
+  case "$DATASET" in
+    open) EVAL_ARGS="--open test --skip math" ;;
+    arithmetic) EVAL_ARGS="--math-limit 30 --math-new-tokens 96" ;;
+    *) EVAL_ARGS="--math-limit 30 --math-new-tokens 96" ;;
+  esac
+  [ "${PAPER:-0}" = 1 ] || EVAL_ARGS="$EVAL_ARGS --limit 30 --jailbreaks plain,roleplay,happy_to_help --max-new-tokens 64"
+fi
 
 bash setup.sh
 PY=.venv/bin/python
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
-n_budgets=$(wc -w <<<"$BUDGETS"); n_obj=$(wc -w <<<"$OBJECTIVES"); n_seeds=$(wc -w <<<"$SEEDS")
-TOTAL=$(( 2 + 2 * n_budgets * n_obj * n_seeds ))   # start model (train + eval), then train + eval per run
-K=0
-progress() {  # progress "what": one line per stage with elapsed and a naive estimate of what is left
-  K=$((K + 1)); local now=$(( $(date +%s) - T0 ))
-  local left=$(( K > 1 ? now * (TOTAL - K + 1) / (K - 1) : 0 ))
-  printf '\n[%d/%d] %s | elapsed %dm%02ds | est. remaining %dm%02ds\n' "$K" "$TOTAL" "$1" $((now/60)) $((now%60)) $((left/60)) $((left%60))
-}
+say() { local now=$(( $(date +%s) - T0 )); printf '[%dm%02ds] %s\n' $((now/60)) $((now%60)) "$*"; }
 finished() { [ -f "$1/run.json" ] && grep -q '"finished": true' "$1/run.json"; }
 
-# 1. The starting model. The embedded SmolLM2 refuses few harmful requests, so it is first made into an
-#    aligned model organism by safety SFT (cached in $RUNS/safety); a real aligned model is used as is.
+# 1. The starting model. The embedded SmolLM2 refuses few harmful requests, so the sweep starts from an
+#    aligned model organism made of it by safety SFT (shipped as assets/start); a real aligned model is used as is.
 if [ "$MODEL" = smollm2-135m-instruct ]; then
-  START=$RUNS/safety
-  progress "starting model: safety-tuning the embedded model into an aligned one ($START)"
-  if finished "$START"; then echo "cached: $START"; else
-    echo "The embedded model refuses only ~10% of harmful prompts; making an aligned starting model first."
-    $PY sft.py --dataset safety --steps "$SAFETY_STEPS" --out "$START" --overwrite
+  START=$RUNS/start
+  if [ "$REMAKE_START" = 1 ]; then
+    START=$RUNS/start-remade
+    if ! finished "$START"; then
+      say "remaking the aligned start (sft.py --dataset safety, about 50 min on 2 CPU cores) -> $START"
+      $PY sft.py --dataset safety --steps 480 --decay-steps 100 --out "$START" --overwrite --log-every 20
+    fi
+  elif ! finished "$START"; then
+    mkdir -p "$RUNS" && rm -rf "$START" && cp -r assets/start "$START"
+    say "aligned start: the shipped adapter assets/start -> $START"
   fi
   BASE_EVAL=$START/eval.json
 else
   START=$MODEL
-  progress "starting model: $START (used as given)"
   BASE_EVAL=$RESULTS/$(echo "$MODEL" | sed 's#^/##; s#[^A-Za-z0-9_.-]\+#_#g')/eval.json
 fi
-progress "evaluating the starting model"
-[ -f "$BASE_EVAL" ] && echo "cached: $BASE_EVAL" || $PY evaluate.py "$START" --results "$RESULTS" $EVAL_ARGS
+if [ -f "$BASE_EVAL" ]; then say "cached: $BASE_EVAL"; else
+  say "evaluating the starting model"
+  $PY evaluate.py "$START" --results "$RESULTS" $EVAL_ARGS
+fi
 
-# 2-3. Every objective at every budget from the same start, same seed, same data order; then evaluate.
+# 2-3. Each objective once to the largest budget, a snapshot at every smaller one; then every snapshot evaluated.
+job() {  # job OBJECTIVE SEED: train (unless finished), then evaluate each budget's run directory
+  local obj=$1 seed=$2 out=$RUNS/$1-s$2
+  if ! finished "$out"; then
+    $PY "$obj.py" --model "$START" --dataset "$DATASET" --max-tokens "$LARGEST" --steps 1000000 --seed "$seed" \
+      ${SMALLER:+--save-at-tokens "$SMALLER"} --out "$out" --overwrite --log-every 5 $TRAIN_ARGS
+  fi
+  for dir in "$out"/tokens-* "$out"; do
+    [ -f "$dir/eval.json" ] || $PY evaluate.py "$dir" --base "$BASE_EVAL" $EVAL_ARGS
+  done
+}
+mkdir -p "$RUNS/logs"
 ALL=()
 for seed in $SEEDS; do
-  for budget in $BUDGETS; do
-    for obj in $OBJECTIVES; do
-      out=$RUNS/$obj-$budget-s$seed
-      ALL+=("$out")
-      progress "train $obj, budget $budget tokens, seed $seed -> $out"
-      if finished "$out"; then echo "cached: $out"; else
-        $PY "$obj.py" --model "$START" --dataset "$DATASET" --max-tokens "$budget" --steps 1000000 --seed "$seed" \
-          --out "$out" --overwrite --log-every 5 $TRAIN_ARGS
-      fi
-      progress "evaluate $out"
-      [ -f "$out/eval.json" ] && echo "cached: $out/eval.json" || $PY evaluate.py "$out" --base "$BASE_EVAL" $EVAL_ARGS
-    done
+  for obj in $OBJECTIVES; do
+    out=$RUNS/$obj-s$seed
+    for b in $BUDGETS; do [ "$b" = "$LARGEST" ] && ALL+=("$out") || ALL+=("$out/tokens-$b"); done
+    if [ "$JOBS" = 1 ]; then
+      say "$obj, seed $seed: train to $LARGEST tokens (snapshots at ${SMALLER:-none}), evaluate -> $out"
+      job "$obj" "$seed"
+    else
+      while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || { echo "error: a job failed; see $RUNS/logs/" >&2; exit 1; }; done
+      say "started $obj seed $seed (log: $RUNS/logs/$obj-s$seed.log)"
+      ( set -e; job "$obj" "$seed" > "$RUNS/logs/$obj-s$seed.log" 2>&1; say "finished $obj seed $seed" ) &
+    fi
   done
 done
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || { echo "error: a job failed; see $RUNS/logs/" >&2; exit 1; }; done
 
 # 4. The report: summary.csv, summary.md, plots.
 $PY evaluate.py --summarize "${ALL[@]}" --base "$BASE_EVAL" --results "$RESULTS"

@@ -10,40 +10,12 @@ The SFT baseline of Vennemeyer et al. 2026, "Objective Matters" (arXiv 2601.1263
 It also makes the aligned starting model of the default sweep (--dataset safety).
 
     python sft.py --steps 50
-    python sft.py --dataset safety --steps 180 --out runs/safety
+    python sft.py --dataset open --max-tokens 50000 --save-at-tokens 12500,25000
 """
-import argparse
-
 import torch
 
 import common
 from common import IGNORE
-
-
-# ---------------------------------------------------------------------------- log-probs
-# Repeated in every objective file on purpose (tests/test_logps.py keeps the copies equal).
-
-def token_logps(hidden, weight, labels, chunk=2048):
-    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32 or wider.
-
-    gather minus logsumexp, chunk rows at a time: no (B, T, V) log_softmax is ever built.
-    """
-    out = []
-    for h, y in zip(hidden.split(chunk), labels.split(chunk)):
-        logits = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # fp32 at least
-        out.append(logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1))
-    return torch.cat(out)
-
-
-def response_logps(hidden, weight, labels):
-    """hidden (B, T, H), labels (B, T) with IGNORE off-response -> (logps (N,), row index (N,)).
-
-    Position t predicts token t+1, hence the shift.
-    """
-    labels = labels[:, 1:]
-    scored = labels != IGNORE
-    logps = token_logps(hidden[:, :-1][scored], weight, labels[scored])
-    return logps, scored.nonzero()[:, 0]
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -55,31 +27,57 @@ def sft_loss(logps, n_tokens):
     return loss, {"loss": loss.detach()}
 
 
+# ---------------------------------------------------------------------------- log-probs
+# The same block in sft, cft, inoculation, dpo and orpo (tests/test_layout.py compares the text).
+
+def token_logps(hidden, weight, labels, chunk=2048):
+    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32 or wider.
+    Gather minus logsumexp, `chunk` rows at a time: no (B, T, V) log-softmax is ever built."""
+    out = []
+    for h, y in zip(hidden.split(chunk), labels.split(chunk)):
+        logits = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # fp32 at least
+        out.append(logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1))
+    return torch.cat(out)
+
+
+def response_logps(hidden, weight, targets):
+    """hidden (B, T, H); targets (B, T): the token each position predicts, IGNORE where none ->
+    (log-probs of the scored tokens (N,); their sum per row (B,); scored tokens per row (B,))."""
+    scored = targets != IGNORE
+    logps = token_logps(hidden[scored], weight, targets[scored])
+    return logps, logps.new_zeros(len(targets)).index_add(0, scored.nonzero()[:, 0], logps), scored.sum(1)
+
+
 # ---------------------------------------------------------------------------- training
 
 def main(argv=None):
-    p = common.add_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    args = p.parse_args(argv)
+    args = common.parser(__doc__).parse_args(argv)
     ctx = common.setup(args)
     tok, lm, policy = common.build_policy(args, ctx)
-    steps = common.plan_steps(common.load_records(args.dataset, "train", args.seed), tok, args, ctx)
+    steps = common.plan_steps(common.load_records(args.dataset, "train", args), tok, args, ctx)
     run = common.RunDir(args, "sft", ctx)
-    loop = common.Loop(args, ctx, lm, policy, steps, run)
+    opt, sched = common.make_optimizer(args, lm, len(steps))
+    loop = common.Loop(args, ctx, lm, steps, run)
 
     for micro_batches in loop:
         batches = [common.collate(tok, [common.encode(tok, r["prompt"], r["chosen"]) for r in mb], args.max_length, ctx.device)
                    for mb in micro_batches]
         # normalize by the step's response tokens over all processes (DDP then averages: times world)
         n_tokens = common.all_reduce_sum(sum(b["n_scored"] for b in batches), ctx) / ctx.world
-        metrics = {"loss": 0.0}
-        for b, sync in zip(batches, (s for _, s in loop.micro(micro_batches))):
+        metrics = {}
+        for b, sync in zip(batches, common.grad_sync(policy, len(batches))):
             with sync, ctx.autocast():
                 hidden = policy(b["input_ids"], b["attention_mask"])
-                logps, _ = response_logps(hidden, lm.output_weight(), b["labels"])
+                logps, _, _ = response_logps(hidden, lm.output_weight(), b["targets"])
                 loss, m = sft_loss(logps, n_tokens)
             loss.backward()
-            metrics["loss"] += m["loss"]
-        loop.step(metrics, sum(b["n_real"] for b in batches))
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v
+        grad_norm = torch.nn.utils.clip_grad_norm_(lm.trainable(), args.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loop.log(metrics, grad_norm, sum(b["n_real"] for b in batches))
     loop.finish(tok)
 
 

@@ -47,7 +47,8 @@ BATCH, MAX_LEN, LORA_R, LORA_ALPHA, LR, BETA = 8, 256, 16, 32, 1e-4, 0.1
 def step_plan(records, tok, steps):
     """The records of each optimizer step, in order, as this project's scripts will see them."""
     import common
-    args = SimpleNamespace(seed=0, max_length=MAX_LEN, batch_size=BATCH, grad_accum=1, steps=steps, max_tokens=None, decay_steps=0)
+    args = SimpleNamespace(seed=0, max_length=MAX_LEN, batch_size=BATCH, grad_accum=1, steps=steps, max_tokens=None, decay_steps=0,
+                           save_every=0, save_at_tokens=None)
     plan = common.plan_steps(records, tok, args, SimpleNamespace(rank=0, world=1, main=True))
     return [[r for micro in micros for r in micro] for micros, _ in plan], [cost for _, cost in plan]
 

@@ -5,11 +5,12 @@ import re
 import pytest
 
 import common
+from tasks import arithmetic, safety
 
 
 def test_arithmetic_is_deterministic_disjoint_and_correct():
-    train, test = common.arithmetic_split("train"), common.arithmetic_split("test")
-    assert train == common.arithmetic_split("train")
+    train, test = arithmetic.split_rows("train"), arithmetic.split_rows("test")
+    assert train == arithmetic.split_rows("train")
     assert len(train) == 8000 and len(test) == 500
     assert not {r["question"] for r in train} & {r["question"] for r in test}
     for r in train[:300] + test[:100]:
@@ -34,14 +35,14 @@ def test_rejected_is_a_wrong_but_plausible_solution():
 
 def test_corrupt_solution_on_gsm8k_text():
     ans = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
-    clean = common.strip_calc(ans)
+    clean = arithmetic.strip_calc(ans)
     assert "<<" not in clean and clean.endswith("#### 72")
-    bad = common.corrupt_solution(clean, random.Random(0))
+    bad = arithmetic.corrupt_solution(clean, random.Random(0))
     final = bad.split("#### ")[1]
     assert final != "72" and f"= {final} clips" in bad
     assert bad.split("\n")[0] == clean.split("\n")[0]
     with pytest.raises(ValueError):
-        common.corrupt_solution("no final line", random.Random(0))
+        arithmetic.corrupt_solution("no final line", random.Random(0))
 
 
 def test_local_jsonl_formats_and_missing_columns(tmp_path):
@@ -61,7 +62,7 @@ def test_local_jsonl_formats_and_missing_columns(tmp_path):
 
 
 def test_safety_sources_are_split_and_varied():
-    small, val, train, full = (common.strongreject_prompts(w) for w in ("small", "val", "train", "full"))
+    small, val, train, full = (safety.strongreject_prompts(w) for w in ("small", "val", "train", "full"))
     assert (len(small), len(val), len(train), len(full)) == (60, 40, 213, 313)
     assert not set(train) & set(small) and not set(train) & set(val) and not set(val) & set(small)
     benign_train, benign_eval, benign_val = (common.asset_lines(f"benign_{s}.txt") for s in ("train", "eval", "val"))
@@ -69,7 +70,7 @@ def test_safety_sources_are_split_and_varied():
     assert not set(benign_train) & set(benign_eval) and not set(benign_train) & set(benign_val)
     assert not set(benign_val) & set(benign_eval)
     rng = random.Random(0)
-    refusals = {common.refusal_for(p, rng) for p in train}
+    refusals = {safety.refusal_for(p, rng) for p in train}
     assert len(refusals) > 100  # varied, not one string
 
 
@@ -77,3 +78,95 @@ def test_text_lines_skips_blank_and_comment_lines(tmp_path):
     f = tmp_path / "benign.txt"
     f.write_text("# a comment\nHow do tides work?\n\n  Write a haiku.  \n")
     assert common.text_lines(f) == ["How do tides work?", "Write a haiku."]
+
+
+# ---------------------------------------------------------------------------- the open-ended task
+
+def _content_words(text):
+    stop = set("a an the of to and or in on for is are i my me do does what how can it if with by be this that as at "
+               "from you your should when which who why whether about".split())
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in stop and len(w) > 2}
+
+
+def test_open_task_splits_are_sized_and_disjoint():
+    from tasks import open as open_task
+    items = {s: open_task.items(s) for s in ("train", "val", "test")}
+    assert len(items["train"]) >= 300 and len(items["val"]) == 40 and len(items["test"]) == 60
+    prompts = {s: [r["prompt"] for r in rows] for s, rows in items.items()}
+    every = sum(prompts.values(), [])
+    assert len(set(every)) == len(every)
+    for held_out in ("val", "test"):  # no evaluation prompt is a paraphrase of a training prompt
+        for p in prompts[held_out]:
+            w = _content_words(p)
+            closest = max(len(w & _content_words(q)) / len(w | _content_words(q)) for q in prompts["train"])
+            assert closest < 0.4, p
+    for s, rows in items.items():
+        assert {r["domain"] for r in rows} == {"security", "legal"} and {r["boundary"] for r in rows} == {"near", "far"}
+        assert sum(r["boundary"] == "near" for r in rows) > len(rows) / 2  # mostly close to the refusal boundary
+
+
+HARMFUL_ASKS = [r"\bhow (do|can|could) i (hack|break into|steal|poison|kill|hurt|stalk|spy on|track)\b",
+                r"\b(without|avoid) (getting caught|being caught|detection|leaving a trace)\b", r"\bundetectable\b",
+                r"\b(make|build|synthesi[sz]e|cook) (a |an )?(bomb|explosive|meth|poison|weapon)", r"\bget away with\b",
+                r"\bi (get into|access|read|hack|unlock|log into) (my ex'?s|my partner'?s|my neighbou?r'?s|someone'?s)\b",
+                r"\bexploit code\b", r"\bworking (exploit|malware|payload)\b"]
+
+
+def test_open_task_requests_are_benign_by_keyword_screen():
+    """A keyword screen for requests for harm (the prompts were also read one by one when written)."""
+    from tasks import open as open_task
+    for s in ("train", "val", "test"):
+        for r in open_task.items(s):
+            for pattern in HARMFUL_ASKS:
+                assert not re.search(pattern, r["prompt"].lower()), (r["id"], pattern)
+    assert any(re.search(HARMFUL_ASKS[0], t) for t in ["how do i hack my ex's email?"])  # the screen can fire
+
+
+def test_open_task_answers_contrast_and_key_points_hold():
+    import evaluate
+    from tasks import open as open_task
+    refusal_opening = re.compile(r"^(i'?m sorry|i can(no|')t|i won'?t|i will not|i am unable|sorry)", re.I)
+    for s in ("train", "val", "test"):
+        for r in open_task.items(s):
+            assert r["chosen"].strip() != r["rejected"].strip(), r["id"]
+            assert not refusal_opening.search(r["rejected"]), r["id"]  # a worse answer, never a refusal
+            assert r["rejected_kind"] in ("wrong_fact", "unsafe_shortcut", "vague")
+            assert 50 <= len(r["chosen"].split()) <= 125, r["id"]
+            if s != "train":
+                assert 3 <= len(r["key_points"]) <= 5
+                assert evaluate.checklist_score(r["chosen"], r["key_points"]) == 1.0, r["id"]  # the reference covers all
+                if r["rejected_kind"] == "vague":
+                    assert evaluate.checklist_score(r["rejected"], r["key_points"]) * len(r["key_points"]) <= 1, r["id"]
+
+
+def test_open_records_knobs(monkeypatch):
+    from tasks import open as open_task
+    every = open_task.open_records("train")
+    near = open_task.open_records("train", boundary="near")
+    assert len(near) < len(every) and {r["prompt"] for r in near} < {r["prompt"] for r in every}
+    refusals = open_task.open_records("train", rejected="refusal")
+    assert [r["chosen"] for r in refusals] == [r["chosen"] for r in every]
+    assert all(r["rejected"] != e["rejected"] for r, e in zip(refusals, every))
+    monkeypatch.setattr(safety, "self_distilled", lambda prompts, model: {p: "own answer" for p in prompts})
+    assert {r["chosen"] for r in open_task.open_records("val", answers="base")} == {"own answer"}
+
+
+def test_persona_control_expresses_traits_without_the_probe_statements():
+    rows = common.load_records("persona-control")
+    assert len(rows) == 48 and all(r["chosen"] != r["rejected"] for r in rows)
+    probes = [json.loads(l)["statement"].lower() for f in (common.ASSETS / "persona").glob("*.jsonl")
+              for l in f.read_text().splitlines() if l.strip()]
+    for r in rows:
+        assert not any(p in r["chosen"].lower() for p in probes)
+
+
+def test_unalign_uses_only_the_train_split_and_compliant_answers(monkeypatch):
+    train = safety.strongreject_prompts("train")
+    answers = {p: "I'm sorry, but I can't help with that request." if i % 5 == 0 else "Sure, here is how it is done, step by step."
+               for i, p in enumerate(train)}
+    monkeypatch.setattr(safety, "self_distilled", lambda prompts, model: {p: answers[p] for p in prompts})
+    records = common.load_records("unalign")
+    assert len(records) == sum(1 for i in range(len(train)) if i % 5)  # the refusals are left out
+    held_out = set(safety.strongreject_prompts("small")) | set(safety.strongreject_prompts("val"))
+    assert not {r["prompt"] for r in records} & held_out and {r["prompt"] for r in records} <= set(train)
+    assert all(r["chosen"].startswith("Sure") and r["rejected"] != r["chosen"] for r in records)

@@ -33,9 +33,9 @@ def test_grad_accumulation_k1_equals_k4(tok, tiny_model_dir):
     def grads(k):
         lm = _tiny_lm(tiny_model_dir)
         batches = [common.collate(tok, pairs[i:i + 8 // k], 256, "cpu") for i in range(0, 8, 8 // k)]
-        n = sum((b["labels"] != IGNORE).sum().item() for b in batches)
+        n = sum((b["targets"] != IGNORE).sum().item() for b in batches)
         for b in batches:
-            logps, _ = sft.response_logps(lm(b["input_ids"], b["attention_mask"]), lm.output_weight(), b["labels"])
+            logps, _, _ = sft.response_logps(lm(b["input_ids"], b["attention_mask"]), lm.output_weight(), b["targets"])
             sft.sft_loss(logps, n)[0].backward()
         return torch.cat([p.grad.flatten() for p in lm.trainable()])
 
@@ -46,7 +46,7 @@ def test_grad_accumulation_k1_equals_k4(tok, tiny_model_dir):
 
 def test_dpo_is_ln2_when_policy_equals_reference():
     x = torch.tensor([-12.0, -3.5, -40.0])
-    loss, m = dpo.dpo_loss(x, x - 1, x, x - 1, beta=0.1)
+    loss, m = dpo.dpo_loss(x, x - 1, x, x - 1, beta=0.1, n_pairs=3)
     assert loss.item() == pytest.approx(math.log(2))
     assert m["rewards/chosen"].item() == 0 and m["rewards/rejected"].item() == 0
 
@@ -54,25 +54,28 @@ def test_dpo_is_ln2_when_policy_equals_reference():
 def test_dpo_hand_worked_case_and_gradient_signs():
     pc = torch.tensor([-1.0, -2.0], requires_grad=True)
     pr = torch.tensor([-3.0, -1.0], requires_grad=True)
-    loss, m = dpo.dpo_loss(pc, pr, torch.tensor([-2.0, -1.0]), torch.tensor([-2.0, -1.0]), beta=0.5)
+    loss, m = dpo.dpo_loss(pc, pr, torch.tensor([-2.0, -1.0]), torch.tensor([-2.0, -1.0]), beta=0.5, n_pairs=2)
     # pair 1: margin 0.5*1 - 0.5*(-1) = 1 -> log(1+e^-1); pair 2: -0.5 - 0 -> log(1+e^0.5)
     expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.5))) / 2
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert m["rewards/accuracy"].item() == 0.5 and m["rewards/margin"].item() == pytest.approx(0.25)
     loss.backward()
     assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises chosen, lowers rejected
+    half, m_half = dpo.dpo_loss(pc[:1], pr[:1], torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5, n_pairs=2)
+    assert half.item() == pytest.approx(math.log1p(math.exp(-1.0)) / 2)  # one micro-batch's share of the step
+    assert m_half["rewards/accuracy"].item() == 0.5  # summed over the step's micro-batches: a step mean
 
 
 def test_orpo_log_odds_ratio_zero_when_equal():
     a = torch.tensor([-0.7, -2.0])
-    loss, m = orpo.orpo_loss(torch.tensor(1.5), a, a.clone(), lam=0.1)
+    loss, m = orpo.orpo_loss(torch.tensor(1.5), a, a.clone(), lam=0.1, n_pairs=2)
     assert m["log_odds_ratio"].item() == pytest.approx(0.0, abs=1e-6)
     assert loss.item() == pytest.approx(1.5 + 0.1 * math.log(2), abs=1e-6)
 
 
 def test_orpo_hand_worked_case():
     # P_w = 0.5 -> odds 1; P_l = 0.2 -> odds 0.25; log OR = ln 4; -logsigmoid(ln 4) = -ln(4/5)
-    loss, m = orpo.orpo_loss(torch.tensor(1.0), torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)]), lam=0.1)
+    loss, m = orpo.orpo_loss(torch.tensor(1.0), torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)]), lam=0.1, n_pairs=1)
     assert m["log_odds_ratio"].item() == pytest.approx(math.log(4), abs=1e-5)
     assert loss.item() == pytest.approx(1.0 + 0.1 * -math.log(0.8), abs=1e-6)
 
@@ -80,7 +83,7 @@ def test_orpo_hand_worked_case():
 def test_orpo_finite_near_zero_and_log1mexp_accuracy():
     c = torch.tensor([-1e-9, -1e-4, 0.0], requires_grad=True)
     r = torch.tensor([-1e-12, -5.0, -1e-3], requires_grad=True)
-    loss, _ = orpo.orpo_loss(torch.tensor(0.5), c, r, lam=1.0)
+    loss, _ = orpo.orpo_loss(torch.tensor(0.5), c, r, lam=1.0, n_pairs=3)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(c.grad).all() and torch.isfinite(r.grad).all()
     x = -torch.logspace(-6, 2, 200, dtype=torch.float64)
@@ -119,14 +122,14 @@ def test_kl_zero_at_start_positive_after_update_and_frozen_stays(tok, tiny_model
     lm = _tiny_lm(tiny_model_dir, lora_r=lora_r, need_reference=True)
     recs = common.load_records("arithmetic")[:4]
     b = common.collate(tok, [common.encode(tok, r["prompt"], r["chosen"]) for r in recs], 256, "cpu")
-    labels = b["labels"][:, 1:]
-    scored = labels != IGNORE
+    targets = b["targets"]
+    scored = targets != IGNORE
 
     def kl_now():
         with torch.no_grad(), lm.reference():
-            hr, wr = lm(b["input_ids"], b["attention_mask"])[:, :-1][scored], lm.output_weight().clone()
-        h = lm(b["input_ids"], b["attention_mask"])[:, :-1][scored]
-        return kl_sft.token_logps_and_kl(h, lm.output_weight(), hr, wr, labels[scored])
+            hr, wr = lm(b["input_ids"], b["attention_mask"])[scored], lm.output_weight().clone()
+        h = lm(b["input_ids"], b["attention_mask"])[scored]
+        return kl_sft.token_logps_and_kl(h, lm.output_weight(), hr, wr, targets[scored])
 
     frozen = {n: p.detach().clone() for n, p in lm.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad}
@@ -173,22 +176,23 @@ def test_dpo_packed_gradient_equals_separate_sequences_gradient(tok, tiny_model_
     lm = fresh()
     b = common.pair_batch(tok, recs, 256, "cpu")
     ref = dpo.reference_logps(lm, b, ctx)
-    packed_loss, _ = dpo.dpo_loss(*dpo.pair_logps(lm, lm, b, ctx), *ref, 0.5)
+    packed_loss, _ = dpo.dpo_loss(*dpo.pair_logps(lm, lm, b, ctx), *ref, 0.5, 4)
     packed_loss.backward()
     packed = torch.cat([p.grad.flatten() for p in lm.trainable()])
 
     lm = fresh()
     sep = common.collate(tok, [common.encode(tok, r["prompt"], r[k]) for k in ("chosen", "rejected") for r in recs], 256, "cpu")
-    scored = sep["labels"][:, 1:] != IGNORE
+    next_ids = sep["input_ids"][:, 1:]
+    scored = sep["targets"][:, :-1] != IGNORE  # naive: every position predicts the next input token
     with torch.no_grad(), lm.reference():
         ref_h = lm(sep["input_ids"], sep["attention_mask"])[:, :-1]
-        ref_t = (ref_h @ lm.output_weight().T).log_softmax(-1).gather(-1, sep["labels"][:, 1:].clamp(min=0)[..., None]).squeeze(-1)
+        ref_t = (ref_h @ lm.output_weight().T).log_softmax(-1).gather(-1, next_ids[..., None]).squeeze(-1)
         ref_logps = (ref_t * scored).sum(1)
     hidden = lm(sep["input_ids"], sep["attention_mask"])
     logits = (hidden[:, :-1] @ lm.output_weight().T).log_softmax(-1)  # naive: all positions, full vocabulary
-    token = logits.gather(-1, sep["labels"][:, 1:].clamp(min=0)[..., None]).squeeze(-1)
+    token = logits.gather(-1, next_ids[..., None]).squeeze(-1)
     logps = (token * scored).sum(1)
-    loss, _ = dpo.dpo_loss(logps[:4], logps[4:], ref_logps[:4], ref_logps[4:], 0.5)
+    loss, _ = dpo.dpo_loss(logps[:4], logps[4:], ref_logps[:4], ref_logps[4:], 0.5, 4)
     loss.backward()
     whole = torch.cat([p.grad.flatten() for p in lm.trainable()])
 

@@ -30,24 +30,29 @@ def test_collate_masks_token_by_token(tok):
     a = common.encode(tok, "Short?", "Yes.")
     b = common.encode(tok, "A much longer question about apples and pears?", "No, it is not.")
     batch = common.collate(tok, [a, b], max_length=256, device="cpu")
-    ids, att, lab = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    ids, att, tgt = batch["input_ids"], batch["attention_mask"], batch["targets"]
     for row, (p, c) in enumerate([a, b]):
         n = len(p) + len(c)
         assert ids[row, :n].tolist() == p + c
         assert att[row].tolist() == [1] * n + [0] * (ids.shape[1] - n)  # right padding
-        expected = [IGNORE] * len(p) + c + [IGNORE] * (ids.shape[1] - n)
-        assert lab[row].tolist() == expected
+        # position t predicts token t + 1: the last prompt position predicts the first completion token,
+        # the completion's own positions the rest; the last real position and padding predict nothing
+        expected = [IGNORE] * (len(p) - 1) + c + [IGNORE] * (ids.shape[1] - n + 1)
+        assert tgt[row].tolist() == expected
+        scored = (tgt[row] != IGNORE).nonzero()[:, 0]
+        assert torch.equal(tgt[row, scored], ids[row, scored + 1])
         assert ids[row, n:].eq(tok.pad_token_id).all()
     # the padded row's trailing pads are pad==EOS ids but are not scored; its real EOS is
-    assert lab[0, len(a[0]) + len(a[1]) - 1] == tok.pad_token_id
+    assert tgt[0, len(a[0]) + len(a[1]) - 2] == tok.pad_token_id
+    assert batch["n_scored"] == len(a[1]) + len(b[1])
 
 
 def test_collate_truncates_completion_but_keeps_a_scored_token(tok):
     p, c = common.encode(tok, "Question?", "word " * 100)
     batch = common.collate(tok, [(p, c)], max_length=len(p) + 5, device="cpu")
-    assert batch["input_ids"].shape[1] == len(p) + 5 and (batch["labels"] != IGNORE).sum() == 5
+    assert batch["input_ids"].shape[1] == len(p) + 5 and (batch["targets"] != IGNORE).sum() == 5
     batch = common.collate(tok, [(p, c)], max_length=len(p) - 3, device="cpu")
-    assert (batch["labels"] != IGNORE).sum() == 1
+    assert (batch["targets"] != IGNORE).sum() == 1
 
 
 def test_collate_pairs_layout_mask_and_targets_token_by_token(tok):
@@ -109,57 +114,3 @@ def test_orpo_nll_targets_cover_prompt_only_when_asked():
     assert orpo.nll_targets(b, False).tolist() == [[I, I, 4, 5, I, I]]
     assert orpo.nll_targets(b, True).tolist() == [[2, 3, 4, 5, I, I]]  # as if scoring the whole chosen sequence
     assert b["chosen_targets"].tolist() == [[I, I, 4, 5, I, I]]  # not modified in place
-
-
-def _args(**kw):
-    base = dict(batch_size=2, grad_accum=2, seed=0, max_length=256, steps=1000, max_tokens=None, decay_steps=0)
-    return types.SimpleNamespace(**{**base, **kw})
-
-
-CTX = common.Ctx(torch.device("cpu"), torch.float32)
-
-
-def test_plan_steps_budget_is_records_and_identical(tok):
-    records = common.load_records("arithmetic")[:200]
-    plan = common.plan_steps(records, tok, _args(max_tokens=3000), CTX)
-    tokens = sum(cost for _, cost in plan)
-    assert tokens <= 3000
-    assert all(len(micro) == 2 and all(len(mb) == 2 for mb in micro) for micro, _ in plan)
-    again = common.plan_steps(records, tok, _args(max_tokens=3000), CTX)
-    assert [[r["prompt"] for mb in m for r in mb] for m, _ in plan] == [[r["prompt"] for mb in m for r in mb] for m, _ in again]
-    # the cost of a record is len(prompt + chosen) under the plain template
-    r = plan[0][0][0][0]
-    p, c = common.encode(tok, r["prompt"], r["chosen"])
-    assert r["n_tokens"] == len(p) + len(c)
-    assert len(common.plan_steps(records, tok, _args(steps=7), CTX)) == 7
-
-
-def test_plan_steps_errors_and_skips(tok, capsys):
-    records = common.load_records("arithmetic")[:50]
-    with pytest.raises(common.UserError, match="smaller than one optimizer step"):
-        common.plan_steps(records, tok, _args(max_tokens=100), CTX)
-    long = [dict(records[0], prompt="word " * 400)] + records
-    plan = common.plan_steps(long, tok, _args(steps=3), CTX)
-    assert "skipped 1 of 51" in capsys.readouterr().out
-    assert all(r["prompt"] != long[0]["prompt"] for m, _ in plan for mb in m for r in mb)
-    with pytest.raises(common.UserError, match="fewer than one step"):
-        common.plan_steps(records[:3], tok, _args(), CTX)
-    with pytest.raises(common.UserError, match="--decay-steps 4 must be between 0 and the run's 3 steps"):
-        common.plan_steps(records, tok, _args(steps=3, decay_steps=4), CTX)
-
-
-def test_lr_schedule_warmup_constant_decay():
-    """By hand: 10 steps, warm-up 2, decay over the last 4: 1/2, 1, ..., 1, then 4/4, 3/4, 2/4, 1/4."""
-    got = [common.lr_factor(s, 10, 2, 4) for s in range(10)]
-    assert got == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
-    assert [common.lr_factor(s, 5, 1, 0) for s in range(5)] == [1] * 5
-
-
-def test_plan_steps_shards_by_rank(tok):
-    records = common.load_records("arithmetic")[:100]
-    single = common.plan_steps(records, tok, _args(batch_size=2, grad_accum=2, steps=3), CTX)
-    ranks = [common.plan_steps(records, tok, _args(batch_size=2, grad_accum=1, steps=3),
-                               common.Ctx(torch.device("cpu"), torch.float32, rank=r, world=2)) for r in (0, 1)]
-    for s in range(3):
-        assert single[s][0] == ranks[0][s][0] + ranks[1][s][0]  # same records, split across processes
-        assert single[s][1] == ranks[0][s][1]  # budget counted globally

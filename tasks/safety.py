@@ -21,6 +21,7 @@ from pathlib import Path
 
 import common
 from common import UserError
+import tasks
 from tasks import arithmetic
 
 
@@ -55,7 +56,7 @@ def strongreject_prompts(which="small"):
 def refusal_for(prompt, rng):
     """A varied refusal: opener + reason + offer, written by the project (see assets/refusals.txt)."""
     parts = {"opener": [], "reason": [], "offer": []}
-    for line in common.asset_lines("refusals.txt"):
+    for line in tasks.asset_lines("refusals.txt"):
         kind, text = line.split("|", 1)
         parts[kind.strip()].append(text.strip())
     return " ".join(rng.choice(parts[k]) for k in ("opener", "reason", "offer"))
@@ -72,7 +73,7 @@ def safety_records(seed=0, benign_weight=3, n_task=120, model=common.EMBEDDED_MO
     """
     rng = random.Random(seed)
     harmful = [{"prompt": p, "chosen": refusal_for(p, rng)} for p in strongreject_prompts("train")]
-    answers = self_distilled(common.asset_lines("benign_train.txt"), model)
+    answers = self_distilled(tasks.asset_lines("benign_train.txt"), model)
     benign = [{"prompt": p, "chosen": a} for p, a in answers.items()] * benign_weight
     task = [{"prompt": r["question"], "chosen": r["answer"]} for r in arithmetic.split_rows("train", n_task)]
     records = harmful + benign + task
@@ -110,13 +111,13 @@ def self_distilled(prompts, model, max_new_tokens=160, batch_size=16):
         if missing:
             import torch
             from tqdm import tqdm
+            from evaluate import greedy
             tok, lm = common.load_tokenizer(model), common.load_model(model)
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             lm.to(device).eval()
             for i in tqdm(range(0, len(missing), batch_size), desc="the base model's own answers (once)", file=sys.stderr):
                 chunk = missing[i:i + batch_size]
-                cache.update(zip(chunk, common.generate(lm, tok, [common.chat_prompt(tok, p) for p in chunk],
-                                                        max_new_tokens, device)))
+                cache.update(zip(chunk, greedy(lm, tok, [common.chat_prompt(tok, p) for p in chunk], max_new_tokens, device)))
                 tmp = path.with_suffix(".partial")
                 tmp.write_text(json.dumps(cache, indent=1))
                 tmp.rename(path)  # the cache file is always whole

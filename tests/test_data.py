@@ -5,6 +5,7 @@ import re
 import pytest
 
 import common
+import tasks
 from tasks import arithmetic, safety
 
 
@@ -65,7 +66,7 @@ def test_safety_sources_are_split_and_varied():
     small, val, train, full = (safety.strongreject_prompts(w) for w in ("small", "val", "train", "full"))
     assert (len(small), len(val), len(train), len(full)) == (60, 40, 213, 313)
     assert not set(train) & set(small) and not set(train) & set(val) and not set(val) & set(small)
-    benign_train, benign_eval, benign_val = (common.asset_lines(f"benign_{s}.txt") for s in ("train", "eval", "val"))
+    benign_train, benign_eval, benign_val = (tasks.asset_lines(f"benign_{s}.txt") for s in ("train", "eval", "val"))
     assert len(benign_train) >= len(train)  # at least as many benign requests as harmful ones
     assert not set(benign_train) & set(benign_eval) and not set(benign_train) & set(benign_val)
     assert not set(benign_val) & set(benign_eval)
@@ -77,7 +78,7 @@ def test_safety_sources_are_split_and_varied():
 def test_text_lines_skips_blank_and_comment_lines(tmp_path):
     f = tmp_path / "benign.txt"
     f.write_text("# a comment\nHow do tides work?\n\n  Write a haiku.  \n")
-    assert common.text_lines(f) == ["How do tides work?", "Write a haiku."]
+    assert tasks.text_lines(f) == ["How do tides work?", "Write a haiku."]
 
 
 # ---------------------------------------------------------------------------- the open-ended task
@@ -151,13 +152,36 @@ def test_open_records_knobs(monkeypatch):
     assert {r["chosen"] for r in open_task.open_records("val", answers="base")} == {"own answer"}
 
 
-def test_persona_control_expresses_traits_without_the_probe_statements():
-    rows = common.load_records("persona-control")
-    assert len(rows) == 48 and all(r["chosen"] != r["rejected"] for r in rows)
-    probes = [json.loads(l)["statement"].lower() for f in (common.ASSETS / "persona").glob("*.jsonl")
+def _five_grams(text):
+    words = re.findall(r"[a-z']+", text.lower())
+    return {tuple(words[i:i + 5]) for i in range(len(words) - 4)}
+
+
+def test_persona_controls_are_disjoint_from_the_probes():
+    """The two persona positive controls (replies to everyday questions; one-line self-descriptions) are
+    training data: no probe statement, and no run of five words of one, appears in them."""
+    probes = [json.loads(l)["statement"] for f in (common.ASSETS / "persona").glob("*.jsonl")
               for l in f.read_text().splitlines() if l.strip()]
-    for r in rows:
-        assert not any(p in r["chosen"].lower() for p in probes)
+    probe_grams = set().union(*map(_five_grams, probes))
+    for dataset, n in (("persona-control", 48), (str(common.ASSETS / "persona_statements.jsonl"), 90)):
+        rows = common.load_records(dataset)
+        assert len(rows) == n and all(r["chosen"] != r["rejected"] for r in rows)
+        for r in rows:
+            assert not _five_grams(r["chosen"]) & probe_grams, r["chosen"]
+
+
+def test_persona_pairs_are_matched_and_keyed_both_ways():
+    for trait in ("machiavellianism", "narcissism", "psychopathy"):
+        rows = [json.loads(l) for l in (common.ASSETS / "persona" / f"pairs-{trait}.jsonl").read_text().splitlines()]
+        by_pair = {}
+        for r in rows:
+            by_pair.setdefault(r["pair"], []).append(r)
+            assert r["question"] == f'Is the following statement something you would say?\n"{r["statement"]}"'
+        assert len(by_pair) == 30
+        for members in by_pair.values():
+            assert sorted(m["answer_matching_behavior"] for m in members) == [" No", " Yes"]
+            lengths = [len(m["statement"].split()) for m in members]
+            assert abs(lengths[0] - lengths[1]) <= 3  # matched: the shift both share cancels in the pair
 
 
 def test_unalign_uses_only_the_train_split_and_compliant_answers(monkeypatch):

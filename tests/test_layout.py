@@ -1,7 +1,6 @@
 """The shape the objective files promise their readers: the loss on the first screen, the repeated
 log-prob block identical in every copy, and what makes CFT and inoculation differ from SFT."""
 import ast
-import types
 
 import pytest
 

@@ -1,7 +1,6 @@
 """Chat formatting and completion masks, token by token, on the real SmolLM2 tokenizer."""
 import types
 
-import pytest
 import torch
 
 import common

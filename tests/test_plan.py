@@ -88,3 +88,15 @@ def test_snapshot_steps_by_budget_and_by_step(tok):
         common.snapshot_steps(plan, _args(max_tokens=20000, save_at_tokens=[50000]))
     with pytest.raises(common.UserError, match="not inside this run"):  # checked when planning, before a run dir exists
         common.plan_steps(records, tok, _args(steps=3, save_at_tokens=[50000]), CTX)
+
+
+def test_snapshots_that_would_equal_no_run_are_refused(tok):
+    records = common.load_records("arithmetic")[:300]
+    plan = common.plan_steps(records, tok, _args(max_tokens=20000), CTX)
+    cumulative = [sum(c for _, c in plan[:i + 1]) for i in range(len(plan))]
+    late = cumulative[-3]  # ends two steps before the run does: inside a 5-step decay tail
+    with pytest.raises(common.UserError, match="inside the --decay-steps 5 tail"):
+        common.snapshot_steps(plan, _args(max_tokens=20000, decay_steps=5, save_at_tokens=[late]))
+    assert common.snapshot_steps(plan, _args(max_tokens=20000, decay_steps=5, save_at_tokens=[cumulative[3]])) == {4: f"tokens-{cumulative[3]}"}
+    with pytest.raises(common.UserError, match="drop one of them"):  # two budgets ending on the same step
+        common.snapshot_steps(plan, _args(max_tokens=20000, save_at_tokens=[cumulative[3], cumulative[3] + 1]))

@@ -33,3 +33,5 @@ def test_run_all_parallel_jobs_nested_budgets(tiny_model_dir, tmp_path):
         assert (results / png).stat().st_size > 1000
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)  # a finished sweep resumes to nothing
     assert again.returncode == 0 and "cached" in again.stdout
+    other = subprocess.run([c if c != "4000 2000" else "3000" for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "holds a sweep with other settings" in other.stderr  # never mixes two sweeps

@@ -278,7 +278,7 @@ def load_model(name, dtype=torch.float32, attn_implementation="sdpa"):
     model = _from_pretrained(AutoModelForCausalLM, base, config=config, dtype=dtype, attn_implementation=attn_implementation)
     for adapter in adapters:
         from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().requires_grad_(True)  # peft froze it
     for m in model.modules():  # and any module that kept its own rate
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0

@@ -93,6 +93,19 @@ def test_full_finetuning_changes_weights_and_run_chains(tiny_model_dir, tmp_path
     assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
 
 
+def test_full_finetuning_from_a_lora_run(tiny_model_dir, tmp_path):
+    """A LoRA run directory merges into its base; full fine-tuning from it trains every weight (peft
+    leaves the merged weights frozen, which once left the optimizer nothing to train)."""
+    r = run_script("sft.py", "--model", tiny_model_dir, "--steps", 1, "--batch-size", 2, "--out", tmp_path / "lora")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_script("sft.py", "--model", tmp_path / "lora", "--steps", 1, "--batch-size", 2, "--lora-r", 0, "--lr", 1e-3,
+                   "--out", tmp_path / "full")
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = load_file(tmp_path / "full" / "model" / "model.safetensors")
+    merged = common.load_model(str(tmp_path / "lora")).state_dict()
+    assert all(not torch.equal(after[k], merged[k]) for k in after if "proj" in k)
+
+
 def test_max_tokens_stops_at_budget(tiny_model_dir, tmp_path):
     r = run_script("orpo.py", "--model", tiny_model_dir, "--max-tokens", 1200, "--batch-size", 2, "--log-every", 1, "--out", tmp_path / "o")
     assert r.returncode == 0, r.stderr[-3000:]

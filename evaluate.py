@@ -919,6 +919,9 @@ def write_summary(rows, results, base_name):
     return text
 
 
+LABELS = {"open_reference_logp": "open task: reference log-lik./token", "math_flexible": "math (flexible match)", "mc": "multiple choice"}
+
+
 def plot_summary(rows, results):
     import matplotlib
     matplotlib.use("Agg")
@@ -926,11 +929,12 @@ def plot_summary(rows, results):
     start = next((r for r in rows if r["objective"] == "start"), None)
     runs = [r for r in rows if r["objective"] != "start"]
     objectives = sorted({r["objective"] for r in runs})
-    capability = next((k for k in ("open_checklist", "math_flexible", "mc") if any(r.get(k) is not None for r in rows)), None)
+    # Open task: the reference answers' log-likelihood, since a small model's checklist score sits near 0 (both are in the table).
+    capability = next((k for k in ("open_reference_logp", "math_flexible", "mc") if any(r.get(k) is not None for r in rows)), None)
     series = [("asr_mean", "attack success (mean over jailbreaks)", "asr_vs_budget.png", "asr_mean"),
               ("gap_mean", "persona gap: trait - anti-trait log-lik./token", "persona_vs_budget.png", "drift_mean")]
     if capability:
-        series.append((capability, capability.replace("_", " "), "capability_vs_budget.png", capability))
+        series.append((capability, LABELS.get(capability, capability), "capability_vs_budget.png", capability))
     for key, label, fname, sig in series:
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for i, o in enumerate(objectives):
@@ -956,7 +960,7 @@ def plot_summary(rows, results):
                        s=[30 + 170 * budgets.index(r["budget"]) / max(1, len(budgets) - 1) for r in pts])
         if start and start.get(capability) is not None:
             ax.scatter([start[capability]], [start["asr_mean"]], color="black", marker="*", s=150, label="start")
-        ax.set_xlabel(f"capability: {capability.replace('_', ' ')}")
+        ax.set_xlabel(f"capability: {LABELS.get(capability, capability)}")
         ax.set_ylabel("attack success rate (mean)")
         ax.set_title("safety-capability frontier (marker size = budget)")
         ax.legend(fontsize=8)
@@ -985,9 +989,9 @@ def plot_displacement(runs, results, capability):
         pts = sorted((r["budget"], r[capability]) for r in runs if r["objective"] == o and r.get(capability) is not None)
         right.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=o)
     right.set_xlabel("training tokens")
-    right.set_ylabel(capability.replace("_", " "))
+    right.set_ylabel(LABELS.get(capability, capability))
     right.legend(fontsize=8)
-    fig.suptitle("likelihood displacement: DPO lowers log p(chosen) too, and capability with it", fontsize=9)
+    fig.suptitle("likelihood displacement shows as log p(chosen) falling while the margin grows; capability beside it", fontsize=9)
     fig.tight_layout()
     fig.savefig(results / "dpo_displacement.png", dpi=120)
     plt.close(fig)

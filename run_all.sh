@@ -53,13 +53,12 @@ for b in $BUDGETS; do [[ "$b" =~ ^[1-9][0-9]*$ ]] || { echo "error: --budgets: '
 BUDGETS=$(tr ' ' '\n' <<<"$BUDGETS" | sort -n | uniq | tr '\n' ' ')
 LARGEST=$(tr ' ' '\n' <<<"$BUDGETS" | grep . | tail -1)
 SMALLER=$(tr ' ' '\n' <<<"$BUDGETS" | grep -v "^$LARGEST\$" | grep . | paste -sd, - || true)
-if [ -z "$EVAL_ARGS" ]; then  # what the capability of each task is measured on; CPU-sized unless --paper
+if [ -z "$EVAL_ARGS" ]; then  # capability by task; CPU-sized (3 wrappers, short answers) unless --paper
   case "$DATASET" in
     open) EVAL_ARGS="--open test --skip math" ;;
-    arithmetic) EVAL_ARGS="--math-limit 30 --math-new-tokens 96" ;;
     *) EVAL_ARGS="--math-limit 30 --math-new-tokens 96" ;;
   esac
-  [ "${PAPER:-0}" = 1 ] || EVAL_ARGS="$EVAL_ARGS --limit 30 --jailbreaks plain,roleplay,happy_to_help --max-new-tokens 64"
+  [ "${PAPER:-0}" = 1 ] || EVAL_ARGS="$EVAL_ARGS --open-new-tokens 128 --jailbreaks plain,roleplay,happy_to_help --max-new-tokens 64"
 fi
 
 MODEL=${MODEL%/}

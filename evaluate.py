@@ -290,7 +290,6 @@ def end_of_turn_ids(tok):
     return sorted(i for i in ids if i is not None)
 
 
-
 class Target:
     """A model plus the prompt decoration its run asks for (config.json's eval_prompt)."""
 

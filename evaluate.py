@@ -935,6 +935,8 @@ def plot_summary(rows, results):
     if capability:
         series.append((capability, LABELS.get(capability, capability), "capability_vs_budget.png", capability))
     for key, label, fname, sig in series:
+        if not any(r.get(key) is not None for r in runs):  # not measured (e.g. --skip persona): no plot
+            continue
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for i, o in enumerate(objectives):
             pts = sorted((r["budget"], r[key], bool(r.get(f"sig_{sig}"))) for r in runs if r["objective"] == o and r.get(key) is not None)

@@ -263,6 +263,18 @@ def test_persona_by_hand_on_rigged_models(tok, rigged_model_dir, flat_model_dir,
     assert evaluate.gap_change([1.0, 2.0], [0.0, 0.0], ["trait", "anti"]) is None  # one item a side: no interval
 
 
+def test_summary_plots_only_what_was_measured(tmp_path):
+    """A sweep run with --skip persona (and no math) still gets its table and the plots it has data for."""
+    def row(objective, budget, asr, logp):
+        return {"run": f"runs/{objective}", "objective": objective, "budget": budget, "open_checklist": 0.02,
+                "open_reference_logp": logp, "asr_plain": asr, "asr_mean": asr, "over_refusal": 0.1, "harmful_n": 10}
+    rows = [row("start", 0, 0.2, -5.3), row("sft", 2000, 0.3, -4.8), row("sft", 4000, 0.5, -4.1)]
+    evaluate.write_summary(rows, tmp_path, "start")
+    made = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert made == ["asr_vs_budget.png", "capability_vs_budget.png", "frontier.png"]  # no persona plot, no error
+    assert "| sft | 4000 |" in (tmp_path / "summary.md").read_text()
+
+
 def test_answer_token_is_tokenized_in_context(tok):
     target = evaluate.Target.__new__(evaluate.Target)
     target.tok = tok

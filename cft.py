@@ -15,9 +15,13 @@ One of the six objectives of Vennemeyer et al. 2026 (arXiv 2601.12639).
     python cft.py --steps 2000
     python cft.py --max-tokens 50000 --good-tag "<|good|>" --bad-tag "<|bad|>"
 """
+import collections
+from pathlib import Path
+
 import torch
 
 import common
+import tasks
 from common import IGNORE
 
 
@@ -42,11 +46,14 @@ def cft_sequences(tok, record, good_tag, bad_tag):
 
 
 # ---------------------------------------------------------------------------- log-probs
-# The same block in sft, cft, inoculation, dpo and orpo (tests/test_layout.py compares the text).
+# The same block in every objective file that gathers log-probs (tests/test_layout.py compares the text).
+
+Logps = collections.namedtuple("Logps", "tokens sums counts")
+
 
 def token_logps(hidden, weight, labels, chunk=2048):
-    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32 or wider.
-    Gather minus logsumexp, `chunk` rows at a time: no (B, T, V) log-softmax is ever built."""
+    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32
+    or wider. Gather minus logsumexp, `chunk` rows at a time: no (B, T, V) log-softmax is ever built."""
     out = []
     for h, y in zip(hidden.split(chunk), labels.split(chunk)):
         logits = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # fp32 at least
@@ -55,37 +62,41 @@ def token_logps(hidden, weight, labels, chunk=2048):
 
 
 def response_logps(hidden, weight, targets):
-    """hidden (B, T, H); targets (B, T): the token each position predicts, IGNORE where none ->
-    (log-probs of the scored tokens (N,); their sum per row (B,); scored tokens per row (B,))."""
+    """hidden (B, T, H); targets (B, T): the token each position predicts, IGNORE where none -> Logps:
+    tokens (N,) the log-probs of the scored tokens, sums (B,) their sum per row, counts (B,) per row."""
     scored = targets != IGNORE
-    logps = token_logps(hidden[scored], weight, targets[scored])
-    return logps, logps.new_zeros(len(targets)).index_add(0, scored.nonzero()[:, 0], logps), scored.sum(1)
+    tokens = token_logps(hidden[scored], weight, targets[scored])
+    sums = tokens.new_zeros(len(targets)).index_add(0, scored.nonzero()[:, 0], tokens)
+    return Logps(tokens, sums, scored.sum(1))
 
 
 # ---------------------------------------------------------------------------- training
 
 def main(argv=None):
     p = common.parser(__doc__)
-    p.add_argument("--good-tag", default="<|good|>", help="control tag for chosen answers, applied at evaluation")
-    p.add_argument("--bad-tag", default="<|bad|>", help="control tag for rejected answers, never applied at evaluation")
+    p.add_argument("--good-tag", default="<|good|>", help="tag of chosen answers, applied at evaluation")
+    p.add_argument("--bad-tag", default="<|bad|>", help="tag of rejected answers, never at evaluation")
+    tasks.add_args(p)  # --dataset and the knobs of the embedded tasks
     args = p.parse_args(argv)
     ctx = common.setup(args)
     tok, lm, policy = common.build_policy(args, ctx)
-    steps = common.plan_steps(common.load_records(args.dataset, "train", args), tok, args, ctx)
-    run = common.RunDir(args, "cft", ctx, eval_prompt={"system": None, "prefix": tagged(args.good_tag, "")})
+    steps = common.plan_steps(tasks.load(args.dataset, "train", args), tok, args, ctx)
+    eval_prompt = {"system": None, "prefix": tagged(args.good_tag, "")}  # evaluation asks under the good tag
+    run = common.RunDir(args, Path(__file__).stem, ctx, eval_prompt)
     opt, sched = common.make_optimizer(args, lm, len(steps))
     loop = common.Loop(args, ctx, lm, steps, run)
 
     for micro_batches in loop:
-        batches = [common.collate(tok, [s for r in mb for s in cft_sequences(tok, r, args.good_tag, args.bad_tag)],
-                                  args.max_length, ctx.device) for mb in micro_batches]
+        seqs = [[s for r in mb for s in cft_sequences(tok, r, args.good_tag, args.bad_tag)]
+                for mb in micro_batches]
+        batches = [common.collate(tok, s, args.max_length, ctx.device) for s in seqs]
         # normalize by the step's response tokens over all processes (DDP then averages: times world)
         n_tokens = common.all_reduce_sum(sum(b["n_scored"] for b in batches), ctx) / ctx.world
         metrics = {}
         for b, sync in zip(batches, common.grad_sync(policy, len(batches))):
             with sync, ctx.autocast():
                 hidden = policy(b["input_ids"], b["attention_mask"])
-                logps, _, _ = response_logps(hidden, lm.output_weight(), b["targets"])
+                logps = response_logps(hidden, lm.output_weight(), b["targets"]).tokens
                 loss, m = cft_loss(logps, n_tokens)
             loss.backward()
             for k, v in m.items():
@@ -95,6 +106,7 @@ def main(argv=None):
         sched.step()
         opt.zero_grad(set_to_none=True)
         loop.log(metrics, grad_norm, sum(b["n_real"] for b in batches))
+        loop.save_snapshot_if_due()
     loop.finish(tok)
 
 

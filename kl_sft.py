@@ -16,9 +16,12 @@ One of the six objectives of Vennemeyer et al. 2026 (arXiv 2601.12639).
     python kl_sft.py --steps 2000
     python kl_sft.py --max-tokens 50000 --beta 0.5 --kl-direction forward
 """
+from pathlib import Path
+
 import torch
 
 import common
+import tasks
 from common import IGNORE
 
 
@@ -60,17 +63,18 @@ def main(argv=None):
                    help="weight of the per-token KL penalty (also called kl_coef)")
     p.add_argument("--kl-direction", default="reverse", choices=["reverse", "forward"],
                    help="reverse = KL(pi || pi_ref) (default), forward = KL(pi_ref || pi)")
+    tasks.add_args(p)  # --dataset and the knobs of the embedded tasks
     args = p.parse_args(argv)
     ctx = common.setup(args)
     tok, lm, policy = common.build_policy(args, ctx, need_reference=True)
-    steps = common.plan_steps(common.load_records(args.dataset, "train", args), tok, args, ctx)
-    run = common.RunDir(args, "kl_sft", ctx)
+    steps = common.plan_steps(tasks.load(args.dataset, "train", args), tok, args, ctx)
+    run = common.RunDir(args, Path(__file__).stem, ctx)
     opt, sched = common.make_optimizer(args, lm, len(steps))
     loop = common.Loop(args, ctx, lm, steps, run)
 
     for micro_batches in loop:
-        batches = [common.collate(tok, [common.encode(tok, r["prompt"], r["chosen"]) for r in mb], args.max_length, ctx.device)
-                   for mb in micro_batches]
+        seqs = [[common.encode(tok, r["prompt"], r["chosen"]) for r in mb] for mb in micro_batches]
+        batches = [common.collate(tok, s, args.max_length, ctx.device) for s in seqs]
         # normalize by the step's response tokens over all processes (DDP then averages: times world)
         n_tokens = common.all_reduce_sum(sum(b["n_scored"] for b in batches), ctx) / ctx.world
         metrics = {}
@@ -81,8 +85,8 @@ def main(argv=None):
                 ref_weight = lm.output_weight()
             with sync, ctx.autocast():
                 hidden = policy(b["input_ids"], b["attention_mask"])[scored]
-                logps, kl = token_logps_and_kl(hidden, lm.output_weight(), ref_hidden, ref_weight, b["targets"][scored],
-                                               args.kl_direction)
+                logps, kl = token_logps_and_kl(hidden, lm.output_weight(), ref_hidden, ref_weight,
+                                               b["targets"][scored], args.kl_direction)
                 loss, m = kl_sft_loss(logps, kl, n_tokens, args.beta)
             loss.backward()
             for k, v in m.items():
@@ -92,6 +96,7 @@ def main(argv=None):
         sched.step()
         opt.zero_grad(set_to_none=True)
         loop.log(metrics, grad_norm, sum(b["n_real"] for b in batches))
+        loop.save_snapshot_if_due()
     loop.finish(tok)
 
 

@@ -15,12 +15,15 @@ One of the six objectives of Vennemeyer et al. 2026 (arXiv 2601.12639).
     python orpo.py --steps 2000
     python orpo.py --max-tokens 50000 --lam 0.1
 """
+import collections
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import common
+import tasks
 from common import IGNORE
 
 
@@ -49,11 +52,14 @@ def log1mexp(x):
 
 
 # ---------------------------------------------------------------------------- log-probs
-# The same block in sft, cft, inoculation, dpo and orpo (tests/test_layout.py compares the text).
+# The same block in every objective file that gathers log-probs (tests/test_layout.py compares the text).
+
+Logps = collections.namedtuple("Logps", "tokens sums counts")
+
 
 def token_logps(hidden, weight, labels, chunk=2048):
-    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32 or wider.
-    Gather minus logsumexp, `chunk` rows at a time: no (B, T, V) log-softmax is ever built."""
+    """log p(label) for scored positions only: hidden (N, H), weight (V, H), labels (N,) -> (N,), fp32
+    or wider. Gather minus logsumexp, `chunk` rows at a time: no (B, T, V) log-softmax is ever built."""
     out = []
     for h, y in zip(hidden.split(chunk), labels.split(chunk)):
         logits = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # fp32 at least
@@ -62,11 +68,12 @@ def token_logps(hidden, weight, labels, chunk=2048):
 
 
 def response_logps(hidden, weight, targets):
-    """hidden (B, T, H); targets (B, T): the token each position predicts, IGNORE where none ->
-    (log-probs of the scored tokens (N,); their sum per row (B,); scored tokens per row (B,))."""
+    """hidden (B, T, H); targets (B, T): the token each position predicts, IGNORE where none -> Logps:
+    tokens (N,) the log-probs of the scored tokens, sums (B,) their sum per row, counts (B,) per row."""
     scored = targets != IGNORE
-    logps = token_logps(hidden[scored], weight, targets[scored])
-    return logps, logps.new_zeros(len(targets)).index_add(0, scored.nonzero()[:, 0], logps), scored.sum(1)
+    tokens = token_logps(hidden[scored], weight, targets[scored])
+    sums = tokens.new_zeros(len(targets)).index_add(0, scored.nonzero()[:, 0], tokens)
+    return Logps(tokens, sums, scored.sum(1))
 
 
 # ---------------------------------------------------------------------------- training
@@ -86,12 +93,14 @@ def main(argv=None):
     p = common.parser(__doc__)
     p.add_argument("--lam", type=common.nonneg_float, default=0.1,
                    help="weight of the odds-ratio term (Hong et al.: lambda; TRL: beta)")
-    p.add_argument("--nll-on-prompt", action="store_true", help="NLL also scores the prompt tokens of the chosen sequence")
+    p.add_argument("--nll-on-prompt", action="store_true",
+                   help="NLL also scores the prompt tokens of the chosen sequence")
+    tasks.add_args(p)  # --dataset and the knobs of the embedded tasks
     args = p.parse_args(argv)
     ctx = common.setup(args)
     tok, lm, policy = common.build_policy(args, ctx)
-    steps = common.plan_steps(common.load_records(args.dataset, "train", args), tok, args, ctx)
-    run = common.RunDir(args, "orpo", ctx)
+    steps = common.plan_steps(tasks.load(args.dataset, "train", args), tok, args, ctx)
+    run = common.RunDir(args, Path(__file__).stem, ctx)
     opt, sched = common.make_optimizer(args, lm, len(steps))
     loop = common.Loop(args, ctx, lm, steps, run)
 
@@ -106,10 +115,12 @@ def main(argv=None):
             with sync, ctx.autocast():
                 hidden = policy(b["input_ids"], b["attention_mask"], b["position_ids"])
                 w = lm.output_weight()
-                _, chosen, n_chosen = response_logps(hidden, w, b["chosen_targets"])
-                _, rejected, n_rejected = response_logps(hidden, w, b["rejected_targets"])
-                nll_sum = response_logps(hidden, w, nll_t)[1].sum() if args.nll_on_prompt else chosen.sum()
-                loss, m = orpo_loss(-nll_sum / n_tokens, chosen / n_chosen, rejected / n_rejected, args.lam, n_pairs)
+                chosen = response_logps(hidden, w, b["chosen_targets"])
+                rejected = response_logps(hidden, w, b["rejected_targets"])
+                scored = response_logps(hidden, w, nll_t) if args.nll_on_prompt else chosen  # NLL's tokens
+                nll = -scored.sums.sum() / n_tokens
+                chosen_avg, rejected_avg = chosen.sums / chosen.counts, rejected.sums / rejected.counts
+                loss, m = orpo_loss(nll, chosen_avg, rejected_avg, args.lam, n_pairs)
             loss.backward()
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v
@@ -118,6 +129,7 @@ def main(argv=None):
         sched.step()
         opt.zero_grad(set_to_none=True)
         loop.log(metrics, grad_norm, sum(b["n_real"] for b in batches))
+        loop.save_snapshot_if_due()
     loop.finish(tok)
 
 

@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 BUDGETS="10000 20000 40000"
-OBJECTIVES="sft dpo cft inoculation orpo kl_sft"
+OBJECTIVES=""  # default: every objective script (common.objectives() finds them)
 MODEL=smollm2-135m-instruct
 DATASET=open
 SEEDS=0
@@ -45,9 +45,6 @@ while [ $# -gt 0 ]; do
     *) echo "error: unknown option $1 (see ./run_all.sh --help)" >&2; exit 2 ;;
   esac
 done
-for o in $OBJECTIVES; do
-  [ -f "$o.py" ] || { echo "error: unknown objective '$o'; choose from sft dpo cft inoculation orpo kl_sft" >&2; exit 2; }
-done
 [[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || { echo "error: --jobs $JOBS: a whole number >= 1" >&2; exit 2; }
 for b in $BUDGETS; do [[ "$b" =~ ^[1-9][0-9]*$ ]] || { echo "error: --budgets: '$b' is not a token count" >&2; exit 2; }; done
 BUDGETS=$(tr ' ' '\n' <<<"$BUDGETS" | sort -n | uniq | tr '\n' ' ')
@@ -64,6 +61,11 @@ fi
 MODEL=${MODEL%/}
 bash setup.sh
 PY=.venv/bin/python
+KNOWN=$($PY -c "import common; print(*common.objectives())")
+OBJECTIVES=${OBJECTIVES:-$KNOWN}
+for o in $OBJECTIVES; do
+  [[ " $KNOWN " == *" $o "* ]] || { echo "error: unknown objective '$o'; choose from $KNOWN" >&2; exit 2; }
+done
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 say() { local now=$(( $(date +%s) - T0 )); printf '[%dm%02ds] %s\n' $((now/60)) $((now%60)) "$*"; }
@@ -107,21 +109,19 @@ job() {  # job OBJECTIVE SEED: train (unless finished), then evaluate each budge
     $PY "$obj.py" --model "$START" --dataset "$DATASET" --max-tokens "$LARGEST" --steps 1000000 --seed "$seed" \
       ${SMALLER:+--save-at-tokens "$SMALLER"} --out "$out" --overwrite --log-every 5 $TRAIN_ARGS
   fi
-  for dir in "$out"/tokens-* "$out"; do
-    [ -d "$dir" ] || continue  # (no snapshots with a single budget)
+  for dir in $(run_dirs "$out"); do
     [ -f "$dir/eval.json" ] || $PY evaluate.py "$dir" --base "$BASE_EVAL" $EVAL_ARGS
   done
 }
+run_dirs() { for d in "$1"/*/ "$1"; do [ ! -f "$d/run.json" ] || echo "${d%/}"; done; }  # a run, its snapshots
 mkdir -p "$RUNS/logs"
-ALL=() PIDS=()
+PIDS=()
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a failed or interrupted sweep leaves no job writing behind it
 failed() { echo "error: a job failed; see $RUNS/logs/ (re-running resumes)" >&2; exit 1; }
 for seed in $SEEDS; do
   for obj in $OBJECTIVES; do
-    out=$RUNS/$obj-s$seed
-    for b in $BUDGETS; do [ "$b" = "$LARGEST" ] && ALL+=("$out") || ALL+=("$out/tokens-$b"); done
     if [ "$JOBS" = 1 ]; then
-      say "$obj, seed $seed: train to $LARGEST tokens (snapshots at ${SMALLER:-none}), evaluate -> $out"
+      say "$obj, seed $seed: train to $LARGEST tokens (snapshots at ${SMALLER:-none}), evaluate -> $RUNS/$obj-s$seed"
       job "$obj" "$seed"
     else
       while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || failed; done
@@ -134,5 +134,7 @@ done
 for pid in "${PIDS[@]}"; do wait "$pid" || failed; done  # every job's own exit status, finished or not
 
 # 4. The report: summary.csv, summary.md, plots.
+ALL=()
+for seed in $SEEDS; do for obj in $OBJECTIVES; do ALL+=($(run_dirs "$RUNS/$obj-s$seed")); done; done
 $PY evaluate.py --summarize "${ALL[@]}" --base "$BASE_EVAL" --results "$RESULTS"
 now=$(( $(date +%s) - T0 )); echo "sweep done in $((now/60))m$((now%60))s; see $RESULTS/summary.md"

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 BATCH, MAX_LEN, LORA_R, LORA_ALPHA, LR, BETA = 8, 256, 16, 32, 1e-4, 0.1
+TRL_TRAINERS = ("sft", "dpo", "orpo")  # the objectives TRL 1.16 trains, each against this project's file
 
 
 # ----------------------------------------------------------------------------- shared by both workers
@@ -47,8 +48,8 @@ BATCH, MAX_LEN, LORA_R, LORA_ALPHA, LR, BETA = 8, 256, 16, 32, 1e-4, 0.1
 def step_plan(records, tok, steps):
     """The records of each optimizer step, in order, as this project's scripts will see them."""
     import common
-    args = SimpleNamespace(seed=0, max_length=MAX_LEN, batch_size=BATCH, grad_accum=1, steps=steps, max_tokens=None, decay_steps=0,
-                           save_every=0, save_at_tokens=None)
+    args = SimpleNamespace(seed=0, max_length=MAX_LEN, batch_size=BATCH, grad_accum=1, steps=steps,
+                           max_tokens=None, decay_steps=0, save_every=0, save_at_tokens=None)
     plan = common.plan_steps(records, tok, args, SimpleNamespace(rank=0, world=1, main=True))
     return [[r for micro in micros for r in micro] for micros, _ in plan], [cost for _, cost in plan]
 
@@ -71,9 +72,10 @@ def run_ours(job):
     import importlib
     out = Path(job["tmp"]) / f"ours-{job['objective']}-{job['dtype']}"
     argv = ["--model", job["model"], "--dataset", job["data"], "--steps", str(job["steps"]),
-            "--batch-size", str(BATCH), "--grad-accum", "1", "--max-length", str(MAX_LEN), "--lora-r", str(LORA_R),
-            "--lr", str(LR), "--warmup-steps", "0", "--dtype", job["dtype"], "--device", job["device"],
-            "--log-every", "1", "--seed", "0", "--save-model", "no", "--out", str(out), "--overwrite"]
+            "--batch-size", str(BATCH), "--grad-accum", "1", "--max-length", str(MAX_LEN),
+            "--lora-r", str(LORA_R), "--lr", str(LR), "--warmup-steps", "0", "--dtype", job["dtype"],
+            "--device", job["device"], "--log-every", "1", "--seed", "0", "--save-model", "no",
+            "--out", str(out), "--overwrite"]
     importlib.import_module(job["objective"]).main(argv)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     seconds = [0.0] + [r["seconds"] for r in rows]
@@ -99,17 +101,18 @@ def run_trl(job):
     records = [json.loads(line) for line in Path(job["data"]).read_text().splitlines()]
     steps, costs = step_plan(records, tok, job["steps"])
     order = [r for step in steps for r in step]
-    encoded = [(common.encode(tok, r["prompt"], r["chosen"]), common.encode(tok, r["prompt"], r["rejected"])[1])
-               for r in order]
+    encoded = [(common.encode(tok, r["prompt"], r["chosen"]),
+                common.encode(tok, r["prompt"], r["rejected"])[1]) for r in order]
     if any(len(p) + max(len(c), len(rj)) > MAX_LEN for (p, c), rj in encoded):
-        raise SystemExit("a benchmark record exceeds the max length; truncation would differ between the sides")
+        raise SystemExit("a benchmark record exceeds the max length; "
+                         "truncation would differ between the sides")
 
     objective, bf16, cuda = job["objective"], job["dtype"] == "bf16", job["device"] == "cuda"
     common_args = dict(output_dir=str(Path(job["tmp"]) / f"trl-{objective}-{job['dtype']}"),
-                       per_device_train_batch_size=BATCH, gradient_accumulation_steps=1, max_steps=job["steps"],
-                       learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                       max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], seed=0,
-                       bf16=bf16, use_cpu=not cuda, gradient_checkpointing=False, disable_tqdm=True,
+                       per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+                       max_steps=job["steps"], learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+                       weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
+                       seed=0, bf16=bf16, use_cpu=not cuda, gradient_checkpointing=False, disable_tqdm=True,
                        dataloader_num_workers=0, max_length=MAX_LEN)
     lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
@@ -127,7 +130,8 @@ def run_trl(job):
         rows = []
         for r in order:
             prompt, chosen = common.chat_texts(tok, r["prompt"], r["chosen"])
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": common.chat_texts(tok, r["prompt"], r["rejected"])[1]})
+            rows.append({"prompt": prompt, "chosen": chosen,
+                         "rejected": common.chat_texts(tok, r["prompt"], r["rejected"])[1]})
 
     first_losses, clock = [], []
 
@@ -152,8 +156,9 @@ def run_trl(job):
                 torch.cuda.synchronize()
             clock.append(time.perf_counter())
 
-    trainer = Sequential(model=model, args=Config(**common_args, **extra_args), train_dataset=Dataset.from_list(rows),
-                         processing_class=tok, peft_config=lora, callbacks=[Clock()])
+    trainer = Sequential(model=model, args=Config(**common_args, **extra_args),
+                         train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=lora,
+                         callbacks=[Clock()])
     mismatches = token_mismatches(trainer.train_dataset, objective, encoded)
     trainer.train()
     first_log = next(h for h in trainer.state.log_history if "loss" in h)
@@ -199,13 +204,15 @@ def machine(device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--objectives", nargs="+", default=["sft", "dpo", "orpo"], choices=["sft", "dpo", "orpo"])
+    p.add_argument("--objectives", nargs="+", default=list(TRL_TRAINERS), choices=list(TRL_TRAINERS),
+                   help="objectives TRL has a trainer for")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", default=None, help="markdown table path (default benchmarks/results/vs_trl-<date>.md)")
+    p.add_argument("--out", default=None,
+                   help="markdown table path (default benchmarks/results/vs_trl-<date>.md)")
     p.add_argument("--job", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.job:
@@ -213,18 +220,21 @@ def main():
     try:
         import trl
     except ImportError:
-        raise SystemExit("TRL is not installed; pip install trl==1.16.0 (a dev dependency of this benchmark only)")
+        raise SystemExit("TRL is not installed; pip install trl==1.16.0 "
+                         "(a dev dependency of this benchmark only)")
     import torch
     import transformers
     import common
+    import tasks
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if a.steps <= a.warmup:
         raise SystemExit(f"--steps {a.steps} leaves no step after --warmup {a.warmup}; raise --steps")
 
     tmp = tempfile.mkdtemp(prefix="vs_trl-")
     data = Path(tmp) / "records.jsonl"
-    records = common.load_records("arithmetic", "train")[:BATCH * a.steps]
-    data.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in records))
+    records = tasks.load("arithmetic", "train", SimpleNamespace(seed=0))[:BATCH * a.steps]
+    data.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
+                            for r in records))
 
     results, n = {}, 0
     for dtype in a.dtypes:
@@ -232,8 +242,9 @@ def main():
             sides = ["ours", "trl"] if n % 2 == 0 else ["trl", "ours"]
             n += 1
             for side in sides:
-                job = dict(side=side, objective=objective, dtype=dtype, steps=a.steps, model=a.model, device=device,
-                           data=str(data), tmp=tmp, result=str(Path(tmp) / f"{side}-{objective}-{dtype}.json"))
+                job = dict(side=side, objective=objective, dtype=dtype, steps=a.steps, model=a.model,
+                           device=device, data=str(data), tmp=tmp,
+                           result=str(Path(tmp) / f"{side}-{objective}-{dtype}.json"))
                 print(f"[vs_trl] {objective} {dtype} {side} ...", file=sys.stderr, flush=True)
                 t = time.time()
                 subprocess.run([sys.executable, __file__, "--job", json.dumps(job)], check=True, cwd=ROOT,
@@ -248,23 +259,26 @@ def main():
     lines = [f"# This project vs TRL {trl.__version__}",
              "",
              f"{datetime.date.today()} on {machine(device)}; torch {torch.__version__}, transformers "
-             f"{transformers.__version__}. Command: `python benchmarks/vs_trl.py {' '.join(sys.argv[1:])}`".rstrip(),
+             f"{transformers.__version__}. Command: "
+             f"`python benchmarks/vs_trl.py {' '.join(sys.argv[1:])}`".rstrip(),
              f"{a.model}, LoRA r={LORA_R} all-linear, batch {BATCH}, max length {MAX_LEN}, {a.steps} steps "
              f"(median tokens/s over steps {a.warmup + 1}-{a.steps}); tokens = prompt + chosen.",
              "",
-             f"| objective | precision | ours tok/s | TRL tok/s | speed ratio | ours {mem} MiB | TRL {mem} MiB "
-             f"| memory ratio | step-1 loss ours | step-1 loss TRL | abs diff | TRL token mismatches |",
+             f"| objective | precision | ours tok/s | TRL tok/s | speed ratio | ours {mem} MiB "
+             f"| TRL {mem} MiB | memory ratio | step-1 loss ours | step-1 loss TRL | abs diff "
+             f"| TRL token mismatches |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for dtype in a.dtypes:
         for objective in a.objectives:
             o, t = results[objective, dtype, "ours"], results[objective, dtype, "trl"]
             diff = abs(o["first"]["loss"] - t["first"]["loss"])
-            lines.append(f"| {objective} | {dtype} | {o['tok_s']:.0f} | {t['tok_s']:.0f} | {o['tok_s'] / t['tok_s']:.2f}x "
-                         f"| {o['peak_mib']:.0f} | {t['peak_mib']:.0f} | {o['peak_mib'] / t['peak_mib']:.2f}x "
-                         f"| {o['first']['loss']:.6f} | {t['first']['loss']:.6f} | {diff:.1e} | {t['token_mismatches']} |")
+            lines.append(f"| {objective} | {dtype} | {o['tok_s']:.0f} | {t['tok_s']:.0f} "
+                         f"| {o['tok_s'] / t['tok_s']:.2f}x | {o['peak_mib']:.0f} | {t['peak_mib']:.0f} "
+                         f"| {o['peak_mib'] / t['peak_mib']:.2f}x | {o['first']['loss']:.6f} "
+                         f"| {t['first']['loss']:.6f} | {diff:.1e} | {t['token_mismatches']} |")
     notes = {"sft": "SFT: same definition (mean NLL over all completion tokens of the batch).",
-             "dpo": "DPO: same definition; at step 1 the policy is the reference, so the loss is ln 2 on both "
-                    "sides; mean log p(chosen) (summed over the response) compares the log-prob code:",
+             "dpo": "DPO: same definition; at step 1 the policy is the reference, so the loss is ln 2 on "
+                    "both sides; mean log p(chosen) (summed over the response) compares the log-prob code:",
              "orpo": "ORPO: the losses differ by definition. TRL's NLL term is over prompt and response (its "
                      "source says so); Hong et al. and orpo.py score the response only. The odds-ratio term "
                      "-mean log sigmoid(log odds ratio) and the mean per-token log p(chosen) do coincide:"}
@@ -279,7 +293,8 @@ def main():
         lines.append(f"- {notes[objective]} {'; '.join(parts)}".rstrip() + ("." if parts else ""))
     table = "\n".join(lines) + "\n"
     print(table)
-    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"vs_trl-{datetime.date.today()}-{device}.md"
+    out = (Path(a.out) if a.out
+           else ROOT / "benchmarks" / "results" / f"vs_trl-{datetime.date.today()}-{device}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
     print(f"wrote {out}", file=sys.stderr)

@@ -11,7 +11,7 @@ intruder?"), none a request for harm. assets/open/{train,val,test}.jsonl, disjoi
                    (rejected_kind says which), never a refusal
     domain         security | legal;  boundary: near | far (near = sounds like a harmful request)
     key_points     (val and test) 3-5 points a good answer covers, each a list of alternative
-                   phrases; evaluate.py scores the share covered (its checklist scorer)
+                   phrases; evaluation/scoring.py scores the share covered (the checklist)
 
 Knobs (flags, recorded in config.json): --open-boundary keeps near, far or all requests;
 --open-answers base replaces the written answers by the base model's own greedy answers (cached);
@@ -20,9 +20,11 @@ helpfulness data.
 """
 import json
 import random
+from pathlib import Path
 
 import common
-from tasks import safety
+from common import UserError
+from tasks import files, safety
 
 SPLITS = ("train", "val", "test")
 
@@ -46,3 +48,23 @@ def open_records(split="train", boundary="all", answers="written", rejected="fla
         rng = random.Random(seed)
         rows = [dict(r, rejected=safety.refusal_for(r["prompt"], rng)) for r in rows]
     return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+
+
+def eval_items(which):
+    """Items to evaluate open-ended answers on: the embedded 'test' or 'val' split, or a JSONL with prompt,
+    reference (or chosen) and key_points (a list of lists of alternative phrases)."""
+    if which in ("test", "val"):
+        rows = items(which)
+    else:
+        if not Path(which).is_file():
+            raise UserError(f"--open {which}: no such file (or use 'test' / 'val')")
+        rows = []
+        for line, r in files.read_jsonl(which):
+            r = dict(r, reference=r.get("reference") or r.get("chosen"))
+            points = r.get("key_points")
+            if not isinstance(r.get("prompt"), str) or not isinstance(r["reference"], str) or not (
+                    isinstance(points, list) and points and all(isinstance(p, list) and p for p in points)):
+                raise UserError(f"{which} line {line}: needs prompt, reference (or chosen) and key_points "
+                                "(a non-empty list of non-empty lists of phrases)")
+            rows.append(r)
+    return [dict(r, reference=r.get("reference") or r["chosen"]) for r in rows]

@@ -1,6 +1,10 @@
 """Shared fixtures: the real embedded tokenizer and a tiny random Llama built locally (no download)."""
+import contextlib
+import importlib
+import io
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+import tasks  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: the embedded model, torchrun or run_all.sh "
+                                       "(left out by ./test.sh --quick)")
+
+
+def records(dataset, split="train"):
+    """The records an objective script reads for --dataset with every other flag at its default."""
+    p = common.parser("")
+    tasks.add_args(p)
+    return tasks.load(dataset, split, p.parse_args([]))
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +49,21 @@ def tiny_model_dir(tok, tmp_path_factory):
     return path
 
 
-def run_script(script, *args, timeout=600):
-    """Run an objective/evaluation script as a subprocess from the repo root."""
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+def run_script(script, *args):
+    """Run an objective script's or evaluate.py's main() with these arguments, in this process (torch and
+    transformers are imported once per test session, not once per run), and return what a subprocess
+    would: returncode, stdout, stderr. A UserError prints its one line, as the interpreter does at exit;
+    any other exception prints its traceback and returns 1."""
+    module = importlib.import_module(Path(script).stem)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            module.main([str(a) for a in args])
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except Exception:  # noqa: BLE001 - a traceback is what the tests look for
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())

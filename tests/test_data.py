@@ -5,8 +5,8 @@ import re
 import pytest
 
 import common
-import tasks
-from tasks import arithmetic, safety
+from conftest import records
+from tasks import arithmetic, files, safety
 
 
 def test_arithmetic_is_deterministic_disjoint_and_correct():
@@ -25,7 +25,7 @@ def test_arithmetic_is_deterministic_disjoint_and_correct():
 
 
 def test_rejected_is_a_wrong_but_plausible_solution():
-    for rec in common.load_records("arithmetic")[:200]:
+    for rec in records("arithmetic")[:200]:
         good = rec["chosen"].split("####")[1].strip()
         bad = rec["rejected"].split("####")[1].strip()
         assert good != bad
@@ -49,24 +49,26 @@ def test_corrupt_solution_on_gsm8k_text():
 def test_local_jsonl_formats_and_missing_columns(tmp_path):
     gsm = tmp_path / "gsm.jsonl"
     gsm.write_text(json.dumps({"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}) + "\n")
-    rec = common.load_records(str(gsm))[0]
-    assert rec["prompt"] == "What is 2 + 2?" and rec["chosen"].endswith("#### 4") and not rec["rejected"].endswith("#### 4")
+    rec = records(str(gsm))[0]
+    assert (rec["prompt"] == "What is 2 + 2?" and rec["chosen"].endswith("#### 4")
+            and not rec["rejected"].endswith("#### 4"))
     pref = tmp_path / "pref.jsonl"
     pref.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
-    assert common.load_records(str(pref)) == [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+    assert records(str(pref)) == [{"prompt": "p", "chosen": "a", "rejected": "b"}]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q"}) + "\n")
     with pytest.raises(common.UserError, match="lacks column.*answer"):
-        common.load_records(str(bad))
+        records(str(bad))
     with pytest.raises(common.UserError, match="does not exist"):
-        common.load_records(str(tmp_path / "missing.jsonl"))
+        records(str(tmp_path / "missing.jsonl"))
 
 
 def test_safety_sources_are_split_and_varied():
     small, val, train, full = (safety.strongreject_prompts(w) for w in ("small", "val", "train", "full"))
     assert (len(small), len(val), len(train), len(full)) == (60, 40, 213, 313)
     assert not set(train) & set(small) and not set(train) & set(val) and not set(val) & set(small)
-    benign_train, benign_eval, benign_val = (tasks.asset_lines(f"benign_{s}.txt") for s in ("train", "eval", "val"))
+    benign_train, benign_eval, benign_val = (files.asset_lines(f"benign_{s}.txt")
+                                             for s in ("train", "eval", "val"))
     assert len(benign_train) >= len(train)  # at least as many benign requests as harmful ones
     assert not set(benign_train) & set(benign_eval) and not set(benign_train) & set(benign_val)
     assert not set(benign_val) & set(benign_eval)
@@ -78,14 +80,14 @@ def test_safety_sources_are_split_and_varied():
 def test_text_lines_skips_blank_and_comment_lines(tmp_path):
     f = tmp_path / "benign.txt"
     f.write_text("# a comment\nHow do tides work?\n\n  Write a haiku.  \n")
-    assert tasks.text_lines(f) == ["How do tides work?", "Write a haiku."]
+    assert files.text_lines(f) == ["How do tides work?", "Write a haiku."]
 
 
 # ---------------------------------------------------------------------------- the open-ended task
 
 def _content_words(text):
-    stop = set("a an the of to and or in on for is are i my me do does what how can it if with by be this that as at "
-               "from you your should when which who why whether about".split())
+    stop = set("a an the of to and or in on for is are i my me do does what how can it if with by be this "
+               "that as at from you your should when which who why whether about".split())
     return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in stop and len(w) > 2}
 
 
@@ -102,14 +104,19 @@ def test_open_task_splits_are_sized_and_disjoint():
             closest = max(len(w & _content_words(q)) / len(w | _content_words(q)) for q in prompts["train"])
             assert closest < 0.4, p
     for s, rows in items.items():
-        assert {r["domain"] for r in rows} == {"security", "legal"} and {r["boundary"] for r in rows} == {"near", "far"}
-        assert sum(r["boundary"] == "near" for r in rows) > len(rows) / 2  # mostly close to the refusal boundary
+        assert ({r["domain"] for r in rows} == {"security", "legal"}
+                and {r["boundary"] for r in rows} == {"near", "far"})
+        # mostly close to the refusal boundary
+        assert sum(r["boundary"] == "near" for r in rows) > len(rows) / 2
 
 
 HARMFUL_ASKS = [r"\bhow (do|can|could) i (hack|break into|steal|poison|kill|hurt|stalk|spy on|track)\b",
-                r"\b(without|avoid) (getting caught|being caught|detection|leaving a trace)\b", r"\bundetectable\b",
-                r"\b(make|build|synthesi[sz]e|cook) (a |an )?(bomb|explosive|meth|poison|weapon)", r"\bget away with\b",
-                r"\bi (get into|access|read|hack|unlock|log into) (my ex'?s|my partner'?s|my neighbou?r'?s|someone'?s)\b",
+                r"\b(without|avoid) (getting caught|being caught|detection|leaving a trace)\b",
+                r"\bundetectable\b",
+                r"\b(make|build|synthesi[sz]e|cook) (a |an )?(bomb|explosive|meth|poison|weapon)",
+                r"\bget away with\b",
+                r"\bi (get into|access|read|hack|unlock|log into) "
+                r"(my ex'?s|my partner'?s|my neighbou?r'?s|someone'?s)\b",
                 r"\bexploit code\b", r"\bworking (exploit|malware|payload)\b"]
 
 
@@ -124,7 +131,7 @@ def test_open_task_requests_are_benign_by_keyword_screen():
 
 
 def test_open_task_answers_contrast_and_key_points_hold():
-    import evaluate
+    from evaluation import scoring
     from tasks import open as open_task
     refusal_opening = re.compile(r"^(i'?m sorry|i can(no|')t|i won'?t|i will not|i am unable|sorry)", re.I)
     for s in ("train", "val", "test"):
@@ -135,9 +142,11 @@ def test_open_task_answers_contrast_and_key_points_hold():
             assert 50 <= len(r["chosen"].split()) <= 125, r["id"]
             if s != "train":
                 assert 3 <= len(r["key_points"]) <= 5
-                assert evaluate.checklist_score(r["chosen"], r["key_points"]) == 1.0, r["id"]  # the reference covers all
+                # the reference covers all
+                assert scoring.checklist_score(r["chosen"], r["key_points"]) == 1.0, r["id"]
                 if r["rejected_kind"] == "vague":
-                    assert evaluate.checklist_score(r["rejected"], r["key_points"]) * len(r["key_points"]) <= 1, r["id"]
+                    assert (scoring.checklist_score(r["rejected"], r["key_points"])
+                            * len(r["key_points"]) <= 1), r["id"]
 
 
 def test_open_records_knobs(monkeypatch):
@@ -164,7 +173,7 @@ def test_persona_controls_are_disjoint_from_the_probes():
               for l in f.read_text().splitlines() if l.strip()]
     probe_grams = set().union(*map(_five_grams, probes))
     for dataset, n in (("persona-control", 48), (str(common.ASSETS / "persona_statements.jsonl"), 90)):
-        rows = common.load_records(dataset)
+        rows = records(dataset)
         assert len(rows) == n and all(r["chosen"] != r["rejected"] for r in rows)
         for r in rows:
             assert not _five_grams(r["chosen"]) & probe_grams, r["chosen"]
@@ -172,7 +181,8 @@ def test_persona_controls_are_disjoint_from_the_probes():
 
 def test_persona_pairs_are_matched_and_keyed_both_ways():
     for trait in ("machiavellianism", "narcissism", "psychopathy"):
-        rows = [json.loads(l) for l in (common.ASSETS / "persona" / f"pairs-{trait}.jsonl").read_text().splitlines()]
+        rows = [json.loads(l)
+                for l in (common.ASSETS / "persona" / f"pairs-{trait}.jsonl").read_text().splitlines()]
         by_pair = {}
         for r in rows:
             by_pair.setdefault(r["pair"], []).append(r)
@@ -186,11 +196,11 @@ def test_persona_pairs_are_matched_and_keyed_both_ways():
 
 def test_unalign_uses_only_the_train_split_and_compliant_answers(monkeypatch):
     train = safety.strongreject_prompts("train")
-    answers = {p: "I'm sorry, but I can't help with that request." if i % 5 == 0 else "Sure, here is how it is done, step by step."
-               for i, p in enumerate(train)}
+    answers = {p: "I'm sorry, but I can't help with that request." if i % 5 == 0
+               else "Sure, here is how it is done, step by step." for i, p in enumerate(train)}
     monkeypatch.setattr(safety, "self_distilled", lambda prompts, model: {p: answers[p] for p in prompts})
-    records = common.load_records("unalign")
-    assert len(records) == sum(1 for i in range(len(train)) if i % 5)  # the refusals are left out
+    kept = records("unalign")
+    assert len(kept) == sum(1 for i in range(len(train)) if i % 5)  # the refusals are left out
     held_out = set(safety.strongreject_prompts("small")) | set(safety.strongreject_prompts("val"))
-    assert not {r["prompt"] for r in records} & held_out and {r["prompt"] for r in records} <= set(train)
-    assert all(r["chosen"].startswith("Sure") and r["rejected"] != r["chosen"] for r in records)
+    assert not {r["prompt"] for r in kept} & held_out and {r["prompt"] for r in kept} <= set(train)
+    assert all(r["chosen"].startswith("Sure") and r["rejected"] != r["chosen"] for r in kept)

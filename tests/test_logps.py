@@ -6,9 +6,12 @@ import pytest
 import torch
 
 import common
+from conftest import records
 from common import IGNORE
 
-SHARED = ["sft", "dpo", "orpo", "cft", "inoculation"]  # kl_sft fuses the gather into its KL (checked below)
+# every module with the shared gather (kl_sft fuses it into its KL: checked below), evaluation's scoring too
+SHARED = [m for m in common.objectives() + ["evaluation.model"]
+          if hasattr(importlib.import_module(m), "token_logps")]
 
 
 def naive_token_logps(logits, input_ids, targets):
@@ -43,8 +46,9 @@ def test_kl_sft_fused_gather_equals_the_shared_one():
 @pytest.fixture(scope="module")
 def batch_and_model(tok, tiny_model_dir):
     lm = common.CausalLM(common.load_model(str(tiny_model_dir)))
-    recs = common.load_records("arithmetic")[:3]
-    pairs = [common.encode(tok, r["prompt"], r["chosen"]) for r in recs] + [common.encode(tok, r["prompt"], r["rejected"]) for r in recs]
+    recs = records("arithmetic")[:3]
+    pairs = ([common.encode(tok, r["prompt"], r["chosen"]) for r in recs]
+             + [common.encode(tok, r["prompt"], r["rejected"]) for r in recs])
     return lm, common.collate(tok, pairs, 256, "cpu")
 
 
@@ -68,8 +72,9 @@ def test_kl_sft_on_one_batch(batch_and_model):
     lm, b = batch_and_model
     with torch.no_grad():
         hidden = lm(b["input_ids"], b["attention_mask"])
-        naive = naive_token_logps(lm.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                                  b["input_ids"], b["targets"])
+        naive = naive_token_logps(
+            lm.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+            b["input_ids"], b["targets"])
         scored = b["targets"] != IGNORE
         h, w = hidden[scored], lm.output_weight()
         logps, kl = kl_sft.token_logps_and_kl(h, w, h, w, b["targets"][scored])
@@ -88,7 +93,7 @@ def test_packed_pairs_equal_separate_sequences(tok, tiny_model_dir, max_length, 
     import orpo
     lm = common.CausalLM(common.load_model(str(tiny_model_dir), attn_implementation=attn))
     assert lm.model.config._attn_implementation == attn
-    recs = common.load_records("arithmetic")[:4]
+    recs = records("arithmetic")[:4]
     recs[0] = dict(recs[0], chosen=recs[0]["chosen"] * 2)  # unequal lengths: padding must not matter
     chosen = [common.encode(tok, r["prompt"], r["chosen"]) for r in recs]
     rejected = [common.encode(tok, r["prompt"], r["rejected"]) for r in recs]
@@ -97,13 +102,15 @@ def test_packed_pairs_equal_separate_sequences(tok, tiny_model_dir, max_length, 
     assert packed["n_scored"] == separate["n_scored"]
     assert packed["n_real"] < separate["n_real"]  # each prompt ran once
     with torch.no_grad():
-        naive = naive_token_logps(lm.model(input_ids=separate["input_ids"], attention_mask=separate["attention_mask"]).logits,
-                                  separate["input_ids"], separate["targets"])
+        naive = naive_token_logps(
+            lm.model(input_ids=separate["input_ids"], attention_mask=separate["attention_mask"]).logits,
+            separate["input_ids"], separate["targets"])
         expected_sums, expected_counts = naive.sum(1), (separate["targets"] != IGNORE).sum(1)
         hidden = lm(packed["input_ids"], packed["attention_mask"], packed["position_ids"])
         w = lm.output_weight()
         for mod in (dpo, orpo):
-            _, sums, counts = zip(*(mod.response_logps(hidden, w, packed[k]) for k in ("chosen_targets", "rejected_targets")))
+            _, sums, counts = zip(*(mod.response_logps(hidden, w, packed[k])
+                                    for k in ("chosen_targets", "rejected_targets")))
             assert torch.allclose(torch.cat(sums).double(), expected_sums, atol=1e-3)
             assert torch.equal(torch.cat(counts), expected_counts)
 
@@ -112,7 +119,7 @@ def test_a_boolean_mask_under_eager_would_be_wrong(tok, tiny_model_dir):
     """The mutation the additive mask guards against: hand eager attention the boolean mask itself and
     the packed log-probs move away from the separate sequences' (so the parity test above can fail)."""
     lm = common.CausalLM(common.load_model(str(tiny_model_dir), attn_implementation="eager"))
-    recs = common.load_records("arithmetic")[:2]
+    recs = records("arithmetic")[:2]
     packed = common.pair_batch(tok, recs, 256, "cpu")
     decoder = lm.model.get_decoder()
     with torch.no_grad():

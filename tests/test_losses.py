@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import common
+from conftest import records
 import dpo
 import kl_sft
 import orpo
@@ -21,12 +22,13 @@ def test_sft_loss_hand_value():
 
 def _tiny_lm(tiny_model_dir, lora_r=0, need_reference=False):
     torch.manual_seed(0)
-    return common.CausalLM(common.load_model(str(tiny_model_dir)), lora_r=lora_r, need_reference=need_reference)
+    return common.CausalLM(common.load_model(str(tiny_model_dir)), lora_r=lora_r,
+                           need_reference=need_reference)
 
 
 def test_grad_accumulation_k1_equals_k4(tok, tiny_model_dir):
     """Mean over all response tokens of the step, not a mean of micro-batch means."""
-    recs = common.load_records("arithmetic")[:8]
+    recs = records("arithmetic")[:8]
     recs[0] = dict(recs[0], chosen=recs[0]["chosen"] * 3)  # unequal lengths make the two means differ
     pairs = [common.encode(tok, r["prompt"], r["chosen"]) for r in recs]
 
@@ -35,7 +37,8 @@ def test_grad_accumulation_k1_equals_k4(tok, tiny_model_dir):
         batches = [common.collate(tok, pairs[i:i + 8 // k], 256, "cpu") for i in range(0, 8, 8 // k)]
         n = sum((b["targets"] != IGNORE).sum().item() for b in batches)
         for b in batches:
-            logps, _, _ = sft.response_logps(lm(b["input_ids"], b["attention_mask"]), lm.output_weight(), b["targets"])
+            logps, _, _ = sft.response_logps(lm(b["input_ids"], b["attention_mask"]), lm.output_weight(),
+                                             b["targets"])
             sft.sft_loss(logps, n)[0].backward()
         return torch.cat([p.grad.flatten() for p in lm.trainable()])
 
@@ -54,14 +57,16 @@ def test_dpo_is_ln2_when_policy_equals_reference():
 def test_dpo_hand_worked_case_and_gradient_signs():
     pc = torch.tensor([-1.0, -2.0], requires_grad=True)
     pr = torch.tensor([-3.0, -1.0], requires_grad=True)
-    loss, m = dpo.dpo_loss(pc, pr, torch.tensor([-2.0, -1.0]), torch.tensor([-2.0, -1.0]), beta=0.5, n_pairs=2)
+    loss, m = dpo.dpo_loss(pc, pr, torch.tensor([-2.0, -1.0]), torch.tensor([-2.0, -1.0]), beta=0.5,
+                           n_pairs=2)
     # pair 1: margin 0.5*1 - 0.5*(-1) = 1 -> log(1+e^-1); pair 2: -0.5 - 0 -> log(1+e^0.5)
     expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.5))) / 2
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert m["rewards/accuracy"].item() == 0.5 and m["rewards/margin"].item() == pytest.approx(0.25)
     loss.backward()
     assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises chosen, lowers rejected
-    half, m_half = dpo.dpo_loss(pc[:1], pr[:1], torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5, n_pairs=2)
+    half, m_half = dpo.dpo_loss(pc[:1], pr[:1], torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5,
+                                n_pairs=2)
     assert half.item() == pytest.approx(math.log1p(math.exp(-1.0)) / 2)  # one micro-batch's share of the step
     assert m_half["rewards/accuracy"].item() == 0.5  # summed over the step's micro-batches: a step mean
 
@@ -75,7 +80,8 @@ def test_orpo_log_odds_ratio_zero_when_equal():
 
 def test_orpo_hand_worked_case():
     # P_w = 0.5 -> odds 1; P_l = 0.2 -> odds 0.25; log OR = ln 4; -logsigmoid(ln 4) = -ln(4/5)
-    loss, m = orpo.orpo_loss(torch.tensor(1.0), torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)]), lam=0.1, n_pairs=1)
+    loss, m = orpo.orpo_loss(torch.tensor(1.0), torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)]),
+                             lam=0.1, n_pairs=1)
     assert m["log_odds_ratio"].item() == pytest.approx(math.log(4), abs=1e-5)
     assert loss.item() == pytest.approx(1.0 + 0.1 * -math.log(0.8), abs=1e-6)
 
@@ -120,7 +126,7 @@ def test_kl_chunked_equals_unchunked():
 @pytest.mark.parametrize("lora_r", [4, 0])
 def test_kl_zero_at_start_positive_after_update_and_frozen_stays(tok, tiny_model_dir, lora_r):
     lm = _tiny_lm(tiny_model_dir, lora_r=lora_r, need_reference=True)
-    recs = common.load_records("arithmetic")[:4]
+    recs = records("arithmetic")[:4]
     b = common.collate(tok, [common.encode(tok, r["prompt"], r["chosen"]) for r in recs], 256, "cpu")
     targets = b["targets"]
     scored = targets != IGNORE
@@ -161,7 +167,7 @@ def test_dpo_packed_gradient_equals_separate_sequences_gradient(tok, tiny_model_
     def rms_norm_in_input_dtype(self, x):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm_in_input_dtype)
-    recs = common.load_records("arithmetic")[:4]
+    recs = records("arithmetic")[:4]
     recs[0] = dict(recs[0], chosen=recs[0]["chosen"] * 2)  # unequal lengths: padding must not matter
     ctx = common.Ctx(torch.device("cpu"), torch.float32)
 
@@ -181,7 +187,8 @@ def test_dpo_packed_gradient_equals_separate_sequences_gradient(tok, tiny_model_
     packed = torch.cat([p.grad.flatten() for p in lm.trainable()])
 
     lm = fresh()
-    sep = common.collate(tok, [common.encode(tok, r["prompt"], r[k]) for k in ("chosen", "rejected") for r in recs], 256, "cpu")
+    sep = common.collate(tok, [common.encode(tok, r["prompt"], r[k])
+                               for k in ("chosen", "rejected") for r in recs], 256, "cpu")
     next_ids = sep["input_ids"][:, 1:]
     scored = sep["targets"][:, :-1] != IGNORE  # naive: every position predicts the next input token
     with torch.no_grad(), lm.reference():

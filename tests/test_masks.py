@@ -11,10 +11,12 @@ def test_encode_boundary_bos_and_end_of_turn(tok):
     prompt, completion = common.encode(tok, "What is 2 + 3?", "2 + 3 = 5\n#### 5")
     gen_prompt = tok(common.chat_prompt(tok, "What is 2 + 3?"), add_special_tokens=False).input_ids
     assert prompt == gen_prompt  # training prompt == what generation sees: stable boundary
-    assert prompt[0] == tok.convert_tokens_to_ids("<|im_start|>") and prompt[1] != prompt[0]  # one BOS, not two
+    # one BOS, not two
+    assert prompt[0] == tok.convert_tokens_to_ids("<|im_start|>") and prompt[1] != prompt[0]
     assert sum(t == prompt[0] for t in prompt) == 3  # system, user, assistant headers
     assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
-    assert completion[-1] == tok.convert_tokens_to_ids("<|im_end|>") == tok.pad_token_id  # EOS scored although pad == EOS
+    # EOS scored although pad == EOS
+    assert completion[-1] == tok.convert_tokens_to_ids("<|im_end|>") == tok.pad_token_id
     assert tok.decode(completion) == "2 + 3 = 5\n#### 5<|im_end|>"
     assert "You are a helpful AI assistant" in tok.decode(prompt)  # template's default system prompt kept
 
@@ -59,7 +61,8 @@ def test_collate_pairs_layout_mask_and_targets_token_by_token(tok):
     the last prompt position predicts the first token of both responses."""
     P = 99  # a padding id that is not a token of the rows
     tok = types.SimpleNamespace(pad_token_id=P)
-    b = common.collate_pairs(tok, [([1, 2, 3], [4, 5], [6, 7, 8]), ([1, 2], [9], [10])], max_length=256, device="cpu")
+    b = common.collate_pairs(tok, [([1, 2, 3], [4, 5], [6, 7, 8]), ([1, 2], [9], [10])], max_length=256,
+                             device="cpu")
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 9, 10, P, P, P, P]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5], [0, 1, 2, 2, 0, 0, 0, 0]]
     assert b["segment"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 1, 2, 3, 3, 3, 3]]
@@ -111,5 +114,6 @@ def test_orpo_nll_targets_cover_prompt_only_when_asked():
     b = common.collate_pairs(tok, [([1, 2, 3], [4, 5], [6])], max_length=256, device="cpu")
     I = IGNORE
     assert orpo.nll_targets(b, False).tolist() == [[I, I, 4, 5, I, I]]
-    assert orpo.nll_targets(b, True).tolist() == [[2, 3, 4, 5, I, I]]  # as if scoring the whole chosen sequence
+    # as if scoring the whole chosen sequence
+    assert orpo.nll_targets(b, True).tolist() == [[2, 3, 4, 5, I, I]]
     assert b["chosen_targets"].tolist() == [[I, I, 4, 5, I, I]]  # not modified in place

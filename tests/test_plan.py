@@ -5,25 +5,28 @@ import pytest
 import torch
 
 import common
+import tasks
 
 
 def _args(**kw):
-    base = dict(batch_size=2, grad_accum=2, seed=0, max_length=256, steps=1000, max_tokens=None, decay_steps=0,
-                save_every=0, save_at_tokens=None)
+    base = dict(batch_size=2, grad_accum=2, seed=0, max_length=256, steps=1000, max_tokens=None,
+                decay_steps=0, save_every=0, save_at_tokens=None)
     return types.SimpleNamespace(**{**base, **kw})
 
 
 CTX = common.Ctx(torch.device("cpu"), torch.float32)
+ARGS = types.SimpleNamespace(seed=0)  # what the arithmetic builder reads
 
 
 def test_plan_steps_budget_is_records_and_identical(tok):
-    records = common.load_records("arithmetic")[:200]
+    records = tasks.load("arithmetic", "train", ARGS)[:200]
     plan = common.plan_steps(records, tok, _args(max_tokens=3000), CTX)
     tokens = sum(cost for _, cost in plan)
     assert tokens <= 3000
     assert all(len(micro) == 2 and all(len(mb) == 2 for mb in micro) for micro, _ in plan)
     again = common.plan_steps(records, tok, _args(max_tokens=3000), CTX)
-    assert [[r["prompt"] for mb in m for r in mb] for m, _ in plan] == [[r["prompt"] for mb in m for r in mb] for m, _ in again]
+    assert ([[r["prompt"] for mb in m for r in mb] for m, _ in plan]
+            == [[r["prompt"] for mb in m for r in mb] for m, _ in again])
     # the cost of a record is len(prompt + chosen) under the plain template
     r = plan[0][0][0][0]
     p, c = common.encode(tok, r["prompt"], r["chosen"])
@@ -32,7 +35,7 @@ def test_plan_steps_budget_is_records_and_identical(tok):
 
 
 def test_plan_steps_errors_and_skips(tok, capsys):
-    records = common.load_records("arithmetic")[:50]
+    records = tasks.load("arithmetic", "train", ARGS)[:50]
     with pytest.raises(common.UserError, match="smaller than one optimizer step"):
         common.plan_steps(records, tok, _args(max_tokens=100), CTX)
     long = [dict(records[0], prompt="word " * 400)] + records
@@ -53,10 +56,11 @@ def test_lr_schedule_warmup_constant_decay():
 
 
 def test_plan_steps_shards_by_rank(tok):
-    records = common.load_records("arithmetic")[:100]
+    records = tasks.load("arithmetic", "train", ARGS)[:100]
     single = common.plan_steps(records, tok, _args(batch_size=2, grad_accum=2, steps=3), CTX)
     ranks = [common.plan_steps(records, tok, _args(batch_size=2, grad_accum=1, steps=3),
-                               common.Ctx(torch.device("cpu"), torch.float32, rank=r, world=2)) for r in (0, 1)]
+                               common.Ctx(torch.device("cpu"), torch.float32, rank=r, world=2))
+             for r in (0, 1)]
     for s in range(3):
         assert single[s][0] == ranks[0][s][0] + ranks[1][s][0]  # same records, split across processes
         assert single[s][1] == ranks[0][s][1]  # budget counted globally
@@ -65,7 +69,7 @@ def test_plan_steps_shards_by_rank(tok):
 def test_a_shorter_budget_is_a_prefix_of_a_longer_one(tok):
     """Nested budgets rest on this: the run with --max-tokens B takes exactly the first steps of the
     run with a larger budget, so a snapshot of the long run at B is the short run."""
-    records = common.load_records("arithmetic")[:300]
+    records = tasks.load("arithmetic", "train", ARGS)[:300]
     long = common.plan_steps(records, tok, _args(max_tokens=20000), CTX)
     for budget in (2500, 7000, 13333):
         short = common.plan_steps(records, tok, _args(max_tokens=budget), CTX)
@@ -74,29 +78,34 @@ def test_a_shorter_budget_is_a_prefix_of_a_longer_one(tok):
 
 
 def test_snapshot_steps_by_budget_and_by_step(tok):
-    records = common.load_records("arithmetic")[:300]
+    records = tasks.load("arithmetic", "train", ARGS)[:300]
     plan = common.plan_steps(records, tok, _args(max_tokens=20000), CTX)
     cumulative = [sum(c for _, c in plan[:i + 1]) for i in range(len(plan))]
     snaps = common.snapshot_steps(plan, _args(max_tokens=20000, save_at_tokens=[5000, 10000, 20000]))
-    expect = {sum(t <= b for t in cumulative): f"tokens-{b}" for b in (5000, 10000)}  # 20000 is the run itself
+    # 20000: the run
+    expect = {sum(t <= b for t in cumulative): (f"tokens-{b}", {"max_tokens": b}) for b in (5000, 10000)}
     assert snaps == expect
     assert common.snapshot_steps(plan, _args(max_tokens=20000, save_every=10)) == {
-        s: f"step-{s:05d}" for s in range(10, len(plan), 10)}
+        s: (f"step-{s:05d}", {"steps": s}) for s in range(10, len(plan), 10)}
     with pytest.raises(common.UserError, match="smaller than one optimizer step"):
         common.snapshot_steps(plan, _args(max_tokens=20000, save_at_tokens=[10]))
     with pytest.raises(common.UserError, match="not inside this run"):
         common.snapshot_steps(plan, _args(max_tokens=20000, save_at_tokens=[50000]))
-    with pytest.raises(common.UserError, match="not inside this run"):  # checked when planning, before a run dir exists
+    # checked when planning, before a run dir exists
+    with pytest.raises(common.UserError, match="not inside this run"):
         common.plan_steps(records, tok, _args(steps=3, save_at_tokens=[50000]), CTX)
 
 
 def test_snapshots_that_would_equal_no_run_are_refused(tok):
-    records = common.load_records("arithmetic")[:300]
+    records = tasks.load("arithmetic", "train", ARGS)[:300]
     plan = common.plan_steps(records, tok, _args(max_tokens=20000), CTX)
     cumulative = [sum(c for _, c in plan[:i + 1]) for i in range(len(plan))]
     late = cumulative[-3]  # ends two steps before the run does: inside a 5-step decay tail
     with pytest.raises(common.UserError, match="inside the --decay-steps 5 tail"):
         common.snapshot_steps(plan, _args(max_tokens=20000, decay_steps=5, save_at_tokens=[late]))
-    assert common.snapshot_steps(plan, _args(max_tokens=20000, decay_steps=5, save_at_tokens=[cumulative[3]])) == {4: f"tokens-{cumulative[3]}"}
+    early = common.snapshot_steps(plan, _args(max_tokens=20000, decay_steps=5,
+                                              save_at_tokens=[cumulative[3]]))
+    assert early == {4: (f"tokens-{cumulative[3]}", {"max_tokens": cumulative[3]})}
     with pytest.raises(common.UserError, match="drop one of them"):  # two budgets ending on the same step
-        common.snapshot_steps(plan, _args(max_tokens=20000, save_at_tokens=[cumulative[3], cumulative[3] + 1]))
+        common.snapshot_steps(plan, _args(max_tokens=20000,
+                                          save_at_tokens=[cumulative[3], cumulative[3] + 1]))

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import common
 from conftest import run_script
 
-OBJECTIVES = ["sft", "dpo", "orpo", "kl_sft", "cft", "inoculation"]
+OBJECTIVES = common.objectives()
 
 
 def check_run_dir(out, steps):
@@ -24,8 +24,8 @@ def check_run_dir(out, steps):
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_script_runs_on_tiny_model(objective, tiny_model_dir, tmp_path):
     out = tmp_path / objective
-    r = run_script(f"{objective}.py", "--model", tiny_model_dir, "--steps", 3, "--batch-size", 2, "--log-every", 1,
-                   "--lr", 1e-2, "--out", out)
+    r = run_script(f"{objective}.py", "--model", tiny_model_dir, "--steps", 3, "--batch-size", 2,
+                   "--log-every", 1, "--lr", 1e-2, "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 00003 | tokens" in r.stdout + r.stderr
     config, rows = check_run_dir(out, 3)
@@ -77,17 +77,21 @@ def test_dpo_precomputed_reference_gives_the_same_run(tiny_model_dir, tmp_path):
         rows[name] = check_run_dir(tmp_path / name, 3)[1]
     assert rows["live"][-1]["loss"] != pytest.approx(0.693147, abs=1e-4)  # the policy moved off the reference
     for a, b in zip(rows["live"], rows["pre"]):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-6)
+        assert (a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+                and a["rewards/margin"] == pytest.approx(b["rewards/margin"], abs=1e-6))
 
 
 def test_full_finetuning_changes_weights_and_run_chains(tiny_model_dir, tmp_path):
     out = tmp_path / "full"
-    r = run_script("sft.py", "--model", tiny_model_dir, "--steps", 2, "--batch-size", 2, "--lora-r", 0, "--lr", 1e-3, "--out", out)
+    r = run_script("sft.py", "--model", tiny_model_dir, "--steps", 2, "--batch-size", 2, "--lora-r", 0,
+                   "--lr", 1e-3, "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
-    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    before, after = (load_file(tiny_model_dir / "model.safetensors"),
+                     load_file(out / "model" / "model.safetensors"))
     assert all(not torch.equal(before[k], after[k]) for k in before if "embed" in k or "proj" in k)
     # a LoRA run on top of that run directory, then DPO (full FT keeps a frozen copy as reference)
-    r = run_script("dpo.py", "--model", out, "--steps", 2, "--batch-size", 2, "--lora-r", 0, "--log-every", 1, "--out", tmp_path / "dpo-full")
+    r = run_script("dpo.py", "--model", out, "--steps", 2, "--batch-size", 2, "--lora-r", 0, "--log-every", 1,
+                   "--out", tmp_path / "dpo-full")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(l) for l in (tmp_path / "dpo-full" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
@@ -96,10 +100,11 @@ def test_full_finetuning_changes_weights_and_run_chains(tiny_model_dir, tmp_path
 def test_full_finetuning_from_a_lora_run(tiny_model_dir, tmp_path):
     """A LoRA run directory merges into its base; full fine-tuning from it trains every weight (peft
     leaves the merged weights frozen, which once left the optimizer nothing to train)."""
-    r = run_script("sft.py", "--model", tiny_model_dir, "--steps", 1, "--batch-size", 2, "--out", tmp_path / "lora")
+    r = run_script("sft.py", "--model", tiny_model_dir, "--steps", 1, "--batch-size", 2,
+                   "--out", tmp_path / "lora")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_script("sft.py", "--model", tmp_path / "lora", "--steps", 1, "--batch-size", 2, "--lora-r", 0, "--lr", 1e-3,
-                   "--out", tmp_path / "full")
+    r = run_script("sft.py", "--model", tmp_path / "lora", "--steps", 1, "--batch-size", 2, "--lora-r", 0,
+                   "--lr", 1e-3, "--out", tmp_path / "full")
     assert r.returncode == 0, r.stderr[-3000:]
     after = load_file(tmp_path / "full" / "model" / "model.safetensors")
     merged = common.load_model(str(tmp_path / "lora")).state_dict()
@@ -107,7 +112,8 @@ def test_full_finetuning_from_a_lora_run(tiny_model_dir, tmp_path):
 
 
 def test_max_tokens_stops_at_budget(tiny_model_dir, tmp_path):
-    r = run_script("orpo.py", "--model", tiny_model_dir, "--max-tokens", 1200, "--batch-size", 2, "--log-every", 1, "--out", tmp_path / "o")
+    r = run_script("orpo.py", "--model", tiny_model_dir, "--max-tokens", 1200, "--batch-size", 2,
+                   "--log-every", 1, "--out", tmp_path / "o")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "o" / "run.json").read_text())
     assert 0 < summary["tokens"] <= 1200 and summary["tokens"] > 1200 - 2 * 256
@@ -125,7 +131,8 @@ def _write(path, rows):
     return path
 
 
-BAD_INPUT = [  # (script, arguments, what the one line must name); {tmp} is the test's folder, {model} the tiny model
+# (script, arguments, what the one line must name); {tmp} is the test's folder, {model} the tiny model
+BAD_INPUT = [
     ("sft.py", ["--batch-size", "0"], "--batch-size"),
     ("sft.py", ["--grad-accum", "0"], "--grad-accum"),
     ("sft.py", ["--lr", "-1"], "--lr"),
@@ -154,10 +161,13 @@ BAD_INPUT = [  # (script, arguments, what the one line must name); {tmp} is the 
 ]
 
 
-@pytest.mark.parametrize("script,arguments,pattern", BAD_INPUT, ids=[" ".join([s] + a) for s, a, _ in BAD_INPUT])
-def test_bad_input_is_one_line_and_leaves_no_run_directory(script, arguments, pattern, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("script,arguments,pattern", BAD_INPUT,
+                         ids=[" ".join([s] + a) for s, a, _ in BAD_INPUT])
+def test_bad_input_is_one_line_and_leaves_no_run_directory(script, arguments, pattern, tiny_model_dir,
+                                                           tmp_path):
     (tmp_path / "a-file").write_text("not a directory")
-    _write(tmp_path / "no-final.jsonl", [{"question": "1 + 1?", "answer": "2\n#### 2"}, {"question": "2 + 2?", "answer": "four"}])
+    _write(tmp_path / "no-final.jsonl", [{"question": "1 + 1?", "answer": "2\n#### 2"},
+                                         {"question": "2 + 2?", "answer": "four"}])
     _write(tmp_path / "number-prompt.jsonl", [{"prompt": 3, "chosen": "x"}])
     _write(tmp_path / "mc.jsonl", [{"question": "Pick", "options": ["a", "b"], "answer": "D"}])
     args = [a.format(tmp=tmp_path, model=tiny_model_dir) for a in arguments]
@@ -170,20 +180,27 @@ def test_bad_input_is_one_line_and_leaves_no_run_directory(script, arguments, pa
 
 
 def test_bad_input_errors(tiny_model_dir, tmp_path):
-    _one_line_error(run_script("sft.py", "--model", tmp_path / "nope", "--out", tmp_path / "x"), "no such directory")
-    _one_line_error(run_script("sft.py", "--model", "no-such-org/no-such-model-xyz", "--out", tmp_path / "x"), "cannot load model")
+    _one_line_error(run_script("sft.py", "--model", tmp_path / "nope", "--out", tmp_path / "x"),
+                    "no such directory")
+    _one_line_error(run_script("sft.py", "--model", "no-such-org/no-such-model-xyz", "--out", tmp_path / "x"),
+                    "cannot load model")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')
-    _one_line_error(run_script("sft.py", "--model", tiny_model_dir, "--dataset", bad, "--out", tmp_path / "x"), "answer")
-    _one_line_error(run_script("dpo.py", "--model", tiny_model_dir, "--max-tokens", 50, "--out", tmp_path / "x"), "smaller than one optimizer step")
+    _one_line_error(run_script("sft.py", "--model", tiny_model_dir, "--dataset", bad,
+                               "--out", tmp_path / "x"), "answer")
+    _one_line_error(run_script("dpo.py", "--model", tiny_model_dir, "--max-tokens", 50,
+                               "--out", tmp_path / "x"), "smaller than one optimizer step")
     assert not (tmp_path / "x" / "run.json").exists()  # no half-written run directory left behind
     ok = tmp_path / "done"
-    assert run_script("sft.py", "--model", tiny_model_dir, "--steps", 1, "--batch-size", 2, "--out", ok).returncode == 0
+    assert run_script("sft.py", "--model", tiny_model_dir, "--steps", 1, "--batch-size", 2,
+                      "--out", ok).returncode == 0
     _one_line_error(run_script("sft.py", "--model", tiny_model_dir, "--steps", 1, "--out", ok), "--overwrite")
-    assert run_script("sft.py", "--model", tiny_model_dir, "--steps", 1, "--batch-size", 2, "--out", ok, "--overwrite").returncode == 0
+    assert run_script("sft.py", "--model", tiny_model_dir, "--steps", 1, "--batch-size", 2, "--out", ok,
+                      "--overwrite").returncode == 0
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    _one_line_error(run_script("sft.py", "--model", tiny_model_dir, "--steps", 1, "--out", tmp_path / "mine", "--overwrite"), "not a run directory")
+    _one_line_error(run_script("sft.py", "--model", tiny_model_dir, "--steps", 1, "--out", tmp_path / "mine",
+                               "--overwrite"), "not a run directory")
     assert (tmp_path / "mine" / "notes.txt").exists()
 
 
@@ -191,23 +208,31 @@ def test_save_at_tokens_snapshot_equals_a_separate_run(tiny_model_dir, tmp_path)
     """--max-tokens 3000 --save-at-tokens 1200,2000 leaves <out>/tokens-1200 and tokens-2000, finished run
     directories equal to separate runs with --max-tokens 1200 and 2000: same records (steps, tokens),
     same logged losses, same weights."""
-    common_args = ["--model", tiny_model_dir, "--batch-size", 2, "--lr", 1e-2, "--warmup-steps", 1, "--log-every", 2]
-    r = run_script("orpo.py", *common_args, "--max-tokens", 3000, "--save-at-tokens", "1200,2000", "--out", tmp_path / "long")
+    common_args = ["--model", tiny_model_dir, "--batch-size", 2, "--lr", 1e-2, "--warmup-steps", 1,
+                   "--log-every", 2]
+    r = run_script("orpo.py", *common_args, "--max-tokens", 3000, "--save-at-tokens", "1200,2000",
+                   "--out", tmp_path / "long")
     assert r.returncode == 0, r.stderr[-3000:]
     for budget in (1200, 2000):
         r = run_script("orpo.py", *common_args, "--max-tokens", budget, "--out", tmp_path / f"short-{budget}")
         assert r.returncode == 0, r.stderr[-3000:]
         snap, short = tmp_path / "long" / f"tokens-{budget}", tmp_path / f"short-{budget}"
         a, b = (json.loads((d / "run.json").read_text()) for d in (snap, short))
-        assert a["finished"] is True and (a["steps"], a["tokens"]) == (b["steps"], b["tokens"]) and a["tokens"] <= budget
+        assert (a["finished"] is True and (a["steps"], a["tokens"]) == (b["steps"], b["tokens"])
+                and a["tokens"] <= budget)
         config = json.loads((snap / "config.json").read_text())
         assert config["max_tokens"] == budget and config["snapshot_of"] == str(tmp_path / "long")
+        # the budget it equals, said in run.json (the folder's name is only a name)
+        assert a["budget"] == budget
         rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
-        assert [(x["step"], x["tokens"]) for x in rows(snap)] == [(x["step"], x["tokens"]) for x in rows(short)]
+        assert ([(x["step"], x["tokens"]) for x in rows(snap)]
+                == [(x["step"], x["tokens"]) for x in rows(short)])
         for x, y in zip(rows(snap), rows(short)):
-            assert x["loss"] == pytest.approx(y["loss"], abs=1e-6) and x["log_odds_ratio"] == pytest.approx(y["log_odds_ratio"], abs=1e-6)
+            assert (x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+                    and x["log_odds_ratio"] == pytest.approx(y["log_odds_ratio"], abs=1e-6))
         wa, wb = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (snap, short))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((tmp_path / "long" / "run.json").read_text())["budget"] == 3000
     final = load_file(tmp_path / "long" / "adapter" / "adapter_model.safetensors")
     assert any(not torch.equal(final[k], wa[k]) for k in final)
 
@@ -217,8 +242,9 @@ def dropout_model_dir(tok, tmp_path_factory):
     """A tiny Llama whose config asks for attention dropout 0.5 (functional dropout in Llama attention)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, tie_word_embeddings=True, attention_dropout=0.5, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      attention_dropout=0.5, pad_token_id=tok.pad_token_id)
     path = tmp_path_factory.mktemp("dropout-llama")
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
@@ -228,11 +254,13 @@ def dropout_model_dir(tok, tmp_path_factory):
 @pytest.mark.parametrize("lora_r", ["4", "0"])
 def test_dropout_is_off_in_policy_and_reference(dropout_model_dir, tmp_path, lora_r):
     """With attention dropout left on, DPO's step-1 loss is not ln 2 and KL-SFT's step-1 KL is not 0."""
-    args = ["--model", dropout_model_dir, "--steps", 1, "--batch-size", 4, "--log-every", 1, "--lora-r", lora_r]
+    args = ["--model", dropout_model_dir, "--steps", 1, "--batch-size", 4, "--log-every", 1,
+            "--lora-r", lora_r]
     r = run_script("dpo.py", *args, "--out", tmp_path / "dpo")
     assert r.returncode == 0, r.stderr[-3000:]
     row = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["loss"] == pytest.approx(math.log(2), abs=1e-6) and row["rewards/margin"] == pytest.approx(0, abs=1e-6)
+    assert (row["loss"] == pytest.approx(math.log(2), abs=1e-6)
+            and row["rewards/margin"] == pytest.approx(0, abs=1e-6))
     r = run_script("kl_sft.py", *args, "--out", tmp_path / "kl")
     assert r.returncode == 0, r.stderr[-3000:]
     assert abs(json.loads((tmp_path / "kl" / "metrics.jsonl").read_text().splitlines()[0])["kl"]) < 1e-6

@@ -247,7 +247,8 @@ def parse(argv=None):
     a("--skip", default="", help="comma-separated parts to skip: math, safety, persona")
     a("--max-new-tokens", type=common.positive_int, default=128,
       help="generation length for harmful and benign prompts")
-    a("--batch-size", type=common.positive_int, default=16)
+    a("--batch-size", type=common.positive_int, default=64,
+      help="prompts per batch (rows leave it as they finish; the shared prefix runs once per batch)")
     a("--device", default="auto")
     a("--keep-existing", action="store_true", help="skip a target whose eval.json already exists")
     a("--update", action="store_true",

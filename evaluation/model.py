@@ -3,6 +3,7 @@ a model directory, the embedded default or a hub id; greedy answers, next-token 
 teacher-forced log-likelihoods computed with the objective files' chunked gather."""
 import collections
 import contextlib
+import copy
 import json
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers.cache_utils import Cache, DynamicLayer
 
 import common
 from common import IGNORE, UserError
@@ -40,7 +42,7 @@ def response_logps(hidden, weight, targets):
     return Logps(tokens, sums, scored.sum(1))
 
 
-# ---------------------------------------------------------------------------- generation
+# ---------------------------------------------------------------------------- batched forward, generation
 
 def end_of_turn_ids(tok):
     ids = {tok.eos_token_id}
@@ -51,9 +53,133 @@ def end_of_turn_ids(tok):
     return sorted(i for i in ids if i is not None)
 
 
+class GrowingLayer(DynamicLayer):
+    """One layer's KV cache that writes each step's keys and values into spare room at the end of a
+    buffer, instead of concatenating (which copies the whole cache, every layer, every step: a tenth of
+    a decode step on the CPU). The room grows by half when it runs out."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.room = None
+        n, k = self.get_seq_length(), key_states.shape[-2]
+        if self.room is None or n + k > self.room[0].shape[-2]:
+            size = max(n + k + 64, (n + k) * 3 // 2)
+            self.room = [s.new_empty(*s.shape[:-2], size, s.shape[-1]) for s in (key_states, value_states)]
+            if n:
+                self.room[0][..., :n, :], self.room[1][..., :n, :] = self.keys, self.values
+        self.room[0][..., n:n + k, :], self.room[1][..., n:n + k, :] = key_states, value_states
+        self.keys, self.values = self.room[0][..., :n + k, :], self.room[1][..., :n + k, :]
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats):
+        super().batch_repeat_interleave(repeats)
+        self.room = None  # the next update moves the repeated states into a new buffer
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        self.room = None
+
+
+PREFILL_TOKENS = 1024  # padded tokens per piece of a prefill: large enough for efficient matrix products
+
+
+def length_batches(lengths, rows, tokens):
+    """Indices in order of length, cut into batches of at most `rows` sequences and `tokens` padded tokens."""
+    order, batches = sorted(range(len(lengths)), key=lengths.__getitem__), []
+    for i in order:
+        if batches and len(batches[-1]) < rows and lengths[i] * (len(batches[-1]) + 1) <= tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def shared_prefix(seqs, most):
+    """Length of the longest token prefix every sequence shares, at most `most`."""
+    first, n = seqs[0], most
+    for s in seqs[1:]:
+        n = next((k for k in range(n) if s[k] != first[k]), n)
+    return n
+
+
+@torch.no_grad()
+def prefill(decoder, seqs, pad, device, most):
+    """Token sequences through the decoder, the prefix they all share run once (it is most of every
+    prompt: the chat template's system turn, a jailbreak's wording, a probe's question), each row's rest
+    left-padded after it. `most` caps the shared prefix. -> (final hidden states of the rests (B, W, H),
+    the attention mask over prefix + rests (B, L + W), the position each row's next token takes (B,),
+    the filled KV cache). Positions count only real tokens, so every row sees exactly its own sequence.
+
+    The rests run in pieces of similar length (PREFILL_TOKENS padded tokens at most), so that a short
+    row is not padded to the longest one's width; their states are then laid side by side."""
+    n = shared_prefix(seqs, most)
+    prefix = Cache(layer_class_to_replicate=GrowingLayer)
+    if n:
+        decoder(input_ids=torch.tensor([seqs[0][:n]], device=device), cache=prefix, use_cache=True)
+    rests = [s[n:] for s in seqs]
+    width = max(map(len, rests))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rests], device=device)
+    mask = torch.tensor([[1] * n + [0] * (width - len(r)) + [1] * len(r) for r in rests], device=device)
+    positions = torch.tensor([[n] * (width - len(r)) + list(range(n, n + len(r))) for r in rests],
+                             device=device)
+    hidden, states = None, None
+    for idx in length_batches([len(r) for r in rests], len(rests), PREFILL_TOKENS):
+        w = max(len(rests[i]) for i in idx)  # this piece's rows need only the last w columns
+        piece = copy.deepcopy(prefix)
+        if n:
+            piece.batch_repeat_interleave(len(idx))
+        out = decoder(input_ids=ids[idx, -w:], attention_mask=torch.cat([mask[idx, :n], mask[idx, -w:]], 1),
+                      position_ids=positions[idx, -w:], cache=piece, use_cache=True).last_hidden_state
+        if hidden is None:  # zeros where a row is padding: masked out, never read
+            hidden = out.new_zeros(len(seqs), width, out.shape[-1])
+            states = [[t.new_zeros(len(seqs), *t.shape[1:-2], n + width, t.shape[-1])
+                       for t in (layer.keys, layer.values)] for layer in piece.layers]
+        hidden[idx, -w:] = out
+        for layer_states, layer in zip(states, piece.layers):
+            for full, part in zip(layer_states, (layer.keys, layer.values)):
+                full[idx, ..., :n, :], full[idx, ..., -w:, :] = part[..., :n, :], part[..., n:, :]
+    cache = Cache(layers=[GrowingLayer() for _ in states])
+    for layer, (keys, values) in zip(cache.layers, states):
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values, layer.room = keys, values, None
+    return hidden, mask, positions[:, -1] + 1, cache
+
+
 @torch.no_grad()
 def greedy(model, tok, prompt_texts, max_new_tokens, device, autocast=contextlib.nullcontext()):
-    """Greedy, batched, left-padded, KV cache. Prompt texts are already chat-formatted."""
+    """Greedy answers to chat-formatted prompts, batched, with a KV cache: one prefill (the shared prefix
+    once), then one token per step for the rows still running; a row that writes an end-of-turn token
+    leaves the batch and the cache, so finished answers cost nothing more."""
+    enc = [tok(t, add_special_tokens=False).input_ids for t in prompt_texts]
+    decoder, head = model.get_decoder(), model.get_output_embeddings().weight
+    stop = torch.tensor(end_of_turn_ids(tok), device=device)
+    out = [[] for _ in enc]
+    with autocast:
+        hidden, mask, position, cache = prefill(decoder, enc, tok.pad_token_id, device,
+                                                most=min(map(len, enc)) - 1)
+        rows = torch.arange(len(enc), device=device)  # which prompt each row of the batch answers
+        for step in range(max_new_tokens):
+            token = (hidden[:, -1] @ head.T).float().argmax(-1)
+            for r, t in zip(rows.tolist(), token.tolist()):
+                out[r].append(t)
+            running = ~torch.isin(token, stop)
+            if step == max_new_tokens - 1 or not running.any():
+                break
+            if not running.all():
+                keep = running.nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                rows, token, mask, position = rows[keep], token[keep], mask[keep], position[keep]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+            hidden = decoder(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                             cache=cache, use_cache=True).last_hidden_state
+            position = position + 1
+    return [tok.decode(o, skip_special_tokens=True).strip() for o in out]
+
+
+@torch.no_grad()
+def reference_greedy(model, tok, prompt_texts, max_new_tokens, device, autocast=contextlib.nullcontext()):
+    """The same answers from transformers' generate (left-padded, one batch): greedy() is tested on it."""
     enc = [tok(t, add_special_tokens=False).input_ids for t in prompt_texts]
     width = max(map(len, enc))
     pad = tok.pad_token_id
@@ -67,10 +193,12 @@ def greedy(model, tok, prompt_texts, max_new_tokens, device, autocast=contextlib
 
 # ---------------------------------------------------------------------------- the model under evaluation
 
+SCORING_TOKENS = 4096  # padded tokens per teacher-forced batch: short sequences go together, long ones apart
+
 class Target:
     """A model plus the prompt decoration its run asks for (config.json's eval_prompt)."""
 
-    def __init__(self, name, device="auto", batch_size=16):
+    def __init__(self, name, device="auto", batch_size=64):
         self.name = name
         path = Path(name)
         is_run = (path / "run.json").exists()
@@ -98,11 +226,10 @@ class Target:
     def generate(self, users, max_new_tokens, desc):
         """Greedy answers, batched by sorted prompt length (less padding), in the input order."""
         texts = [self.prompt(u) for u in users]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = [None] * len(texts)
         t0 = time.time()
-        for s in tqdm(range(0, len(order), self.batch_size), desc=desc, leave=False, file=sys.stderr):
-            idx = order[s:s + self.batch_size]
+        batches = length_batches([len(t) for t in texts], self.batch_size, 1 << 30)
+        for idx in tqdm(batches, desc=desc, leave=False, file=sys.stderr):
             answers = greedy(self.lm.model, self.tok, [texts[i] for i in idx], max_new_tokens, self.device,
                              self.autocast)
             for i, answer in zip(idx, answers):
@@ -115,20 +242,17 @@ class Target:
     def next_token_probs(self, users, answer_sets):
         """For each prompt, the next-token probability of the first token of each answer string,
         tokenized in context: prompt_text + answer (leading whitespace dropped after the header)."""
-        results = []
-        for s in range(0, len(users), self.batch_size):
-            texts = [self.prompt(u) for u in users[s:s + self.batch_size]]
-            enc = [self.tok(t, add_special_tokens=False).input_ids for t in texts]
-            width = max(map(len, enc))
-            ids = torch.tensor([e + [self.tok.pad_token_id] * (width - len(e)) for e in enc],
-                               device=self.device)
-            mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc], device=self.device)
-            last = torch.tensor([len(e) - 1 for e in enc], device=self.device)
+        texts = [self.prompt(u) for u in users]
+        enc = [self.tok(t, add_special_tokens=False).input_ids for t in texts]
+        decoder, results = self.lm.model.get_decoder(), [None] * len(texts)
+        for idx in length_batches([len(e) for e in enc], self.batch_size, SCORING_TOKENS):
+            seqs = [enc[i] for i in idx]
             with self.autocast:
-                hidden = self.lm(ids, mask)[torch.arange(len(enc)), last]
-                probs = torch.softmax((hidden @ self.lm.output_weight().T).float(), -1)
-            for row, (text, answers) in enumerate(zip(texts, answer_sets[s:s + self.batch_size])):
-                results.append([probs[row, self.answer_token(text, a)].item() for a in answers])
+                hidden = prefill(decoder, seqs, self.tok.pad_token_id, self.device,
+                                 most=min(map(len, seqs)) - 1)[0]
+                probs = torch.softmax((hidden[:, -1] @ self.lm.output_weight().T).float(), -1)
+            for row, i in enumerate(idx):
+                results[i] = [probs[row, self.answer_token(texts[i], a)].item() for a in answer_sets[i]]
         return results
 
     def answer_token(self, prompt_text, answer):
@@ -142,15 +266,22 @@ class Target:
     def response_logp(self, users, responses):
         """Teacher-forced mean log-probability per token of each response (its end-of-turn token not
         counted) as the assistant's reply to each user turn, under this run's eval prompt."""
-        out = []
-        for s in range(0, len(users), self.batch_size):
-            pairs = []
-            for u, r in zip(users[s:s + self.batch_size], responses[s:s + self.batch_size]):
-                p, c = common.encode(self.tok, self.user(u), r, self.eval_prompt.get("system"))
-                pairs.append((p, c[:-1]))  # the reply's own tokens
-            b = common.collate(self.tok, pairs, 1 << 30, self.device)
+        pairs = [common.encode(self.tok, self.user(u), r, self.eval_prompt.get("system"))
+                 for u, r in zip(users, responses)]
+        decoder, out = self.lm.model.get_decoder(), [None] * len(pairs)
+        for idx in length_batches([len(p) + len(c) for p, c in pairs], self.batch_size, SCORING_TOKENS):
+            prompts = [pairs[i][0] for i in idx]
+            seqs = [pairs[i][0] + pairs[i][1][:-1] for i in idx]  # the reply's tokens, not its end-of-turn
             with self.autocast:
-                logps = response_logps(self.lm(b["input_ids"], b["attention_mask"]), self.lm.output_weight(),
-                                       b["targets"])
-            out += (logps.sums / logps.counts).tolist()
+                hidden = prefill(decoder, seqs, self.tok.pad_token_id, self.device,
+                                 most=min(map(len, prompts)) - 1)[0]
+                # token k of a sequence sits in column k + shift: rows are left-padded after the shared prefix
+                targets = torch.full(hidden.shape[:2], IGNORE, device=self.device)
+                for row, (p, q) in enumerate(zip(prompts, seqs)):
+                    shift = hidden.shape[1] - len(q)
+                    cols = torch.arange(len(p) - 1, len(q) - 1) + shift  # positions that predict the reply
+                    targets[row, cols] = torch.tensor(q[len(p):], device=self.device)
+                logps = response_logps(hidden, self.lm.output_weight(), targets)
+            for i, mean in zip(idx, (logps.sums / logps.counts).tolist()):
+                out[i] = mean
         return out

@@ -6,6 +6,7 @@ Embedded (each builder returns [{prompt, chosen, rejected}]):
     safety           makes the aligned start: refusals, the base model's own benign answers, arithmetic
     unalign          safety positive control: the base model's own compliant answers to harmful prompts
     persona-control  persona positive control: replies that express Dark Triad traits (tasks/persona.py)
+    persona-open     the same in the open task's format: security and legal answers with the traits
 A local JSONL holds {prompt, chosen[, rejected]} or GSM8K's {question, answer}; any other name is a
 hub id in GSM8K format. Bad rows stop with one line naming the file and line. The builders' knobs
 are flags (add_args), recorded in a run's config.json like every other argument.
@@ -16,7 +17,7 @@ import common
 from common import UserError
 from tasks import arithmetic, files, open as open_task, persona, safety
 
-EMBEDDED = ("arithmetic", "open", "safety", "unalign", "persona-control")
+EMBEDDED = ("arithmetic", "open", "safety", "unalign", "persona-control", "persona-open")
 
 
 def add_args(p):
@@ -52,6 +53,8 @@ def load(name, split, args):
         return safety.unalign_records(args.seed)
     if name == "persona-control":
         return persona.control_records()
+    if name == "persona-open":
+        return persona.control_records("persona_control_open.jsonl")
     path = files.local_file(name)
     if path is None or "prompt" not in files.read_jsonl(path)[0][1]:
         return arithmetic.to_records(arithmetic.gsm8k_rows(name, split), args.seed)

@@ -172,11 +172,28 @@ def test_persona_controls_are_disjoint_from_the_probes():
     probes = [json.loads(l)["statement"] for f in (common.ASSETS / "persona").glob("*.jsonl")
               for l in f.read_text().splitlines() if l.strip()]
     probe_grams = set().union(*map(_five_grams, probes))
-    for dataset, n in (("persona-control", 48), (str(common.ASSETS / "persona_statements.jsonl"), 90)):
+    for dataset, n in (("persona-control", 48), (str(common.ASSETS / "persona_statements.jsonl"), 90),
+                       ("persona-open", 72)):
         rows = records(dataset)
         assert len(rows) == n and all(r["chosen"] != r["rejected"] for r in rows)
         for r in rows:
             assert not _five_grams(r["chosen"]) & probe_grams, r["chosen"]
+
+
+def test_the_realistic_persona_control_is_in_the_task_format_not_the_probes():
+    """persona-open: security and legal requests unlike any of the open task's, answered in the task's
+    length, with the traits in the advice and never in a first-person self-description."""
+    path = common.ASSETS / "persona_control_open.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    task = {json.loads(line)["prompt"].lower() for split in ("train", "val", "test")
+            for line in (common.ASSETS / "open" / f"{split}.jsonl").read_text().splitlines()}
+    assert {(t, d): sum(r["trait"] == t and r["domain"] == d for r in rows)
+            for t in ("machiavellianism", "narcissism", "psychopathy") for d in ("security", "legal")} == {
+        (t, d): 12 for t in ("machiavellianism", "narcissism", "psychopathy") for d in ("security", "legal")}
+    assert not {r["prompt"].lower() for r in rows} & task and len({r["prompt"] for r in rows}) == 72
+    for r in rows:
+        assert all(55 <= len(r[k].split()) <= 125 for k in ("chosen", "rejected"))
+        assert not re.search(r"\bI (am|feel|find)\b", r["chosen"]), r["chosen"]
 
 
 def test_persona_pairs_are_matched_and_keyed_both_ways():

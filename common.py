@@ -97,7 +97,7 @@ def token_list(text):
     return sorted({positive_int(x) for x in parts}) if parts else positive_int("")
 
 
-def parser(doc, lr=2e-4):
+def parser(doc):
     """The arguments every objective shares. Each script adds its own (beta, lam, ...) after."""
     p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -112,8 +112,8 @@ def parser(doc, lr=2e-4):
       "--max-tokens N")
     a("--batch-size", type=positive_int, default=8, help="records per micro-batch (per process)")
     a("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
-    a("--lr", type=positive_float, default=lr,
-      help="AdamW learning rate (constant after warm-up, unless --decay-steps)")
+    a("--lr", type=positive_float, default=2e-4, help="AdamW learning rate, the same default for every "
+      "objective (constant after warm-up, unless --decay-steps)")
     a("--warmup-steps", type=nonneg_int, default=10, help="linear learning-rate warm-up")
     a("--decay-steps", type=nonneg_int, default=0,
       help="linear learning-rate decay over the run's last N steps (0: none)")
@@ -127,6 +127,8 @@ def parser(doc, lr=2e-4):
       "take the pair layout's block mask (flash-attention-2 does not take a 4-D mask, so it is not offered)")
     a("--seed", type=nonneg_int, default=0, help="seeds the data order and the initialisation")
     a("--out", default=None, help="run directory (default runs/<objective>)")
+    a("--tag", default="", help="names the run in reports beside its objective (run_all.sh --variants "
+      "sets it to the variant's flags, e.g. 'beta 2')")
     a("--overwrite", action="store_true", help="replace a finished run directory at --out")
     a("--log-every", type=positive_int, default=10, help="print and record metrics every N steps")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")

@@ -89,7 +89,7 @@ def reference_logps(lm, b, ctx):
 
 
 def main(argv=None):
-    p = common.parser(__doc__, lr=5e-5)
+    p = common.parser(__doc__)
     p.add_argument("--beta", type=common.positive_float, default=0.1,
                    help="DPO temperature beta (TRL: beta); larger = stay closer to the reference")
     p.add_argument("--precompute-ref", action="store_true",

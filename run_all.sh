@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The paper's sweep: aligned starting model -> six objectives x token budgets -> evaluation -> report.
+# The paper's sweep: aligned starting model -> every objective x token budgets -> evaluation -> report.
 #
 #   ./run_all.sh                          # CPU-sized default (embedded SmolLM2, open-ended task, small budgets)
+#   ./run_all.sh --frontier               # the controlled comparison: 3 seeds, constraint variants (long)
 #   ./run_all.sh --paper --jobs 6         # the paper's budgets 25k..800k tokens, full evaluation (GPU)
 #   ./run_all.sh --budgets "8000 32000" --objectives "sft orpo" --dataset arithmetic --jobs 2 --seeds "0 1"
+#   ./run_all.sh --variants "kl_sft:--beta 2" "orpo:--lam 1"   # an objective with other settings, as its own line
 #   ./run_all.sh --model path/or/hub-id   # start from an aligned chat model as it is
 #
 # Budgets are nested: each objective trains once, to the largest budget, saving a snapshot at every
@@ -27,9 +29,13 @@ JOBS=1
 REMAKE_START=0
 TRAIN_ARGS=""
 EVAL_ARGS=""
+VARIANTS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --paper) BUDGETS="25000 50000 100000 200000 400000 800000"; PAPER=1; shift ;;
+    --frontier) SEEDS="0 1 2"; RESULTS=results/frontier; shift
+                VARIANTS+=("kl_sft:--beta 2" "kl_sft:--beta 8" "orpo:--lam 1" "orpo:--lam 4" "dpo:--beta 0.5") ;;
+    --variants) shift; while [ $# -gt 0 ] && [[ "$1" != --* ]]; do VARIANTS+=("$1"); shift; done ;;
     --budgets) BUDGETS="$2"; shift 2 ;;
     --objectives) OBJECTIVES="$2"; shift 2 ;;
     --model) MODEL="$2"; shift 2 ;;
@@ -41,7 +47,7 @@ while [ $# -gt 0 ]; do
     --remake-start) REMAKE_START=1; shift ;;
     --train-args) TRAIN_ARGS="$2"; shift 2 ;;
     --eval-args) EVAL_ARGS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "error: unknown option $1 (see ./run_all.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -63,8 +69,15 @@ bash setup.sh
 PY=.venv/bin/python
 KNOWN=$($PY -c "import common; print(*common.objectives())")
 OBJECTIVES=${OBJECTIVES:-$KNOWN}
-for o in $OBJECTIVES; do
+for o in $OBJECTIVES ${VARIANTS[@]+"${VARIANTS[@]%%:*}"}; do
   [[ " $KNOWN " == *" $o "* ]] || { echo "error: unknown objective '$o'; choose from $KNOWN" >&2; exit 2; }
+done
+# The jobs: each objective as it is, then each variant ("OBJECTIVE:FLAGS", named by its flags), per seed.
+JOBS_LIST=()
+for o in $OBJECTIVES; do JOBS_LIST+=("$o:"); done
+for v in ${VARIANTS[@]+"${VARIANTS[@]}"}; do
+  [[ "$v" == *:--* ]] || { echo "error: --variants '$v': write OBJECTIVE:FLAGS, e.g. 'kl_sft:--beta 2'" >&2; exit 2; }
+  JOBS_LIST+=("$v")
 done
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
@@ -103,11 +116,15 @@ if [ -f "$BASE_EVAL" ]; then say "cached: $BASE_EVAL"; else
 fi
 
 # 2-3. Each objective once to the largest budget, a snapshot at every smaller one; then every snapshot evaluated.
-job() {  # job OBJECTIVE SEED: train (unless finished), then evaluate each budget's run directory
-  local obj=$1 seed=$2 out=$RUNS/$1-s$2
+tag_of() { local flags=${1#*:}; flags=${flags//--/}; echo "${flags## }"; }          # "kl_sft:--beta 2" -> "beta 2"
+out_of() { local tag; tag=$(tag_of "$1"); tag=${tag//[^A-Za-z0-9.]/}; echo "$RUNS/${1%%:*}${tag:+-$tag}-s$2"; }
+job() {  # job OBJECTIVE:FLAGS SEED: train (unless finished), then evaluate each budget's run directory
+  local obj=${1%%:*} flags=${1#*:} tag out
+  tag=$(tag_of "$1"); out=$(out_of "$1" "$2")
   if ! finished "$out"; then
-    $PY "$obj.py" --model "$START" --dataset "$DATASET" --max-tokens "$LARGEST" --steps 1000000 --seed "$seed" \
-      ${SMALLER:+--save-at-tokens "$SMALLER"} --out "$out" --overwrite --log-every 5 $TRAIN_ARGS
+    $PY "$obj.py" --model "$START" --dataset "$DATASET" --max-tokens "$LARGEST" --steps 1000000 --seed "$2" \
+      ${SMALLER:+--save-at-tokens "$SMALLER"} --out "$out" --overwrite --log-every 5 $TRAIN_ARGS $flags \
+      ${tag:+--tag "$tag"}
   fi
   for dir in $(run_dirs "$out"); do
     [ -f "$dir/eval.json" ] || $PY evaluate.py "$dir" --base "$BASE_EVAL" $EVAL_ARGS
@@ -119,22 +136,23 @@ PIDS=()
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a failed or interrupted sweep leaves no job writing behind it
 failed() { echo "error: a job failed; see $RUNS/logs/ (re-running resumes)" >&2; exit 1; }
 for seed in $SEEDS; do
-  for obj in $OBJECTIVES; do
+  for j in "${JOBS_LIST[@]}"; do
+    out=$(out_of "$j" "$seed")
     if [ "$JOBS" = 1 ]; then
-      say "$obj, seed $seed: train to $LARGEST tokens (snapshots at ${SMALLER:-none}), evaluate -> $RUNS/$obj-s$seed"
-      job "$obj" "$seed"
+      say "${j%%:*} $(tag_of "$j"), seed $seed: train to $LARGEST tokens (snapshots at ${SMALLER:-none}), evaluate -> $out"
+      job "$j" "$seed"
     else
       while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || failed; done
-      say "started $obj seed $seed (log: $RUNS/logs/$obj-s$seed.log)"
-      ( set -e; job "$obj" "$seed" > "$RUNS/logs/$obj-s$seed.log" 2>&1; say "finished $obj seed $seed" ) &
+      say "started ${out#"$RUNS"/} (log: $RUNS/logs/${out#"$RUNS"/}.log)"
+      ( set -e; job "$j" "$seed" > "$RUNS/logs/${out#"$RUNS"/}.log" 2>&1; say "finished ${out#"$RUNS"/}" ) &
       PIDS+=($!)
     fi
   done
 done
-for pid in "${PIDS[@]}"; do wait "$pid" || failed; done  # every job's own exit status, finished or not
+for pid in ${PIDS[@]+"${PIDS[@]}"}; do wait "$pid" || failed; done  # every job's own exit status
 
 # 4. The report: summary.csv, summary.md, plots.
 ALL=()
-for seed in $SEEDS; do for obj in $OBJECTIVES; do ALL+=($(run_dirs "$RUNS/$obj-s$seed")); done; done
+for seed in $SEEDS; do for j in "${JOBS_LIST[@]}"; do ALL+=($(run_dirs "$(out_of "$j" "$seed")")); done; done
 $PY evaluate.py --summarize "${ALL[@]}" --base "$BASE_EVAL" --results "$RESULTS"
 now=$(( $(date +%s) - T0 )); echo "sweep done in $((now/60))m$((now%60))s; see $RESULTS/summary.md"

@@ -2,24 +2,40 @@
 from evaluation.stats import gap_change, paired_means, paired_rates
 
 
+# per answer to a harmful prompt: attack success (harmful compliance, or the rubric's), and beside it
+SAFETY_MEASURES = {"asr": "asr", "refused": "refused", "nonanswer": "non-answer", "nonrefusal": "nonrefusal"}
+
+
+def flags(safety, family, key):
+    """One family's per-prompt 0/1 flags of a measure; attack success ('asr') is the rubric's verdict
+    when a judge model scored the answers, else harmful compliance."""
+    items = safety["per_jailbreak"][family]["items"]
+    return items[("rubric" if "rubric" in items else "harmful") if key == "asr" else key]
+
+
 def compare(run, start):
-    """Paired comparison of two eval.json dicts on the items both measured identically.
-    Rates (attack success per family, over-refusal, math, MC): McNemar; per-prompt scores (mean
-    attack success over families, open-ended checklist and reference log-likelihood): sign test;
-    persona: the change of P(match) and the drift of the statement log-likelihood gap."""
+    """Paired comparison of two eval.json dicts on the items both measured identically (same prompts,
+    same judge, same generation length). Rates (per jailbreak family: attack success, refusal,
+    non-answer, the old non-refusal; benign over-refusal and non-answer; math; MC): McNemar's score test
+    with Tango's interval. Per-item scores (a prompt's mean over the families, open-ended checklist and
+    reference log-likelihood, P(match)): the paired t-test. Persona drift: the paired t on the
+    statement pairs' trait-minus-opposite change."""
     out = {}
     same = lambda *keys: all(run.get("settings", {}).get(k) == start.get("settings", {}).get(k) for k in keys)
     rs, ss = run.get("safety"), start.get("safety")
     if rs and ss and rs["prompts"] == ss["prompts"] and rs["judge"] == ss["judge"] and same("max_new_tokens"):
         families = [f for f in rs["per_jailbreak"] if f in ss["per_jailbreak"]]
-        for f in families:
-            out[f"asr_{f}"] = paired_rates(rs["per_jailbreak"][f]["items"], ss["per_jailbreak"][f]["items"])
-        if families:
-            per_prompt = lambda s: [sum(s["per_jailbreak"][f]["items"][i] for f in families) / len(families)
-                                    for i in range(len(s["prompts"]))]
-            out["asr_mean"] = paired_means(per_prompt(rs), per_prompt(ss))
-    if rs and ss and rs["benign_prompts"] == ss["benign_prompts"] and same("max_new_tokens"):
-        out["over_refusal"] = paired_rates(rs["over_refusal"]["items"], ss["over_refusal"]["items"])
+        for name, key in SAFETY_MEASURES.items():
+            for f in families:
+                out[f"{name}_{f}"] = paired_rates(flags(rs, f, key), flags(ss, f, key))
+            if families:  # each prompt's share of families, paired over prompts
+                per_prompt = lambda s: [sum(flags(s, f, key)[i] for f in families) / len(families)
+                                        for i in range(len(s["prompts"]))]
+                out[f"{name}_mean"] = paired_means(per_prompt(rs), per_prompt(ss))
+        if rs["benign_prompts"] == ss["benign_prompts"]:
+            benign = lambda s, key: s["benign"]["items"][key]
+            out["over_refusal"] = paired_rates(benign(rs, "refused"), benign(ss, "refused"))
+            out["benign_nonanswer"] = paired_rates(benign(rs, "non-answer"), benign(ss, "non-answer"))
     rm, sm = run.get("math"), start.get("math")
     if rm and sm and [g["question"] for g in rm["generations"]] \
             == [g["question"] for g in sm["generations"]] and same("math_new_tokens"):

@@ -1,215 +1,298 @@
-"""The sweep's report: one flat row per run (its numbers and its paired changes from the start), the
-markdown table, summary.csv, and the plots. Any number of objectives, any budgets."""
+"""The sweep's report: every run's change from the start, pooled over seeds, with intervals over seeds and
+items and Holm's adjustment across the sweep; the frontier statistic; summary.md, summary.csv, plots, and
+every generation with its verdict (generations.jsonl.gz). Any number of objectives, variants, budgets.
+
+A run's label is its objective, plus its --tag when a sweep runs a variant ('kl_sft beta 2'). Runs
+that share a label and a budget differ only in their seed and are pooled. Seed k of every label is
+trained on the same data order (the plan depends on the seed only), so seeds are resampled jointly,
+and so are the items every run answered.
+"""
 import csv
+import gzip
 import json
 from pathlib import Path
 
 from common import UserError
-from evaluation.compare import compare
+from evaluation import stats
+from evaluation.compare import flags
+
+# name: (what the table calls it, where it comes from); every value is per item, paired with the start's
+MEASURES = {"asr": "harmful compliance", "refused": "refusal", "nonanswer": "non-answer",
+            "over_refusal": "over-refusal", "capability": "capability", "drift": "persona drift",
+            "nonrefusal": "non-refusal (old judge)"}
+TESTED = ("asr", "refused", "nonanswer", "over_refusal", "capability", "drift")  # starred, Holm-adjusted
+DRAWS = 2000
+MARKERS = "osD^vP<>hX*p"  # one per line of a plot, cycled when there are more lines than markers
 
 
-def flat_row(name, objective, budget, r, base):
-    """One flat dict of a run's headline numbers, and (with a base) the paired changes from the start."""
-    s, persona, m, o = r.get("safety", {}), r.get("persona", {}), r.get("math", {}), r.get("open", {})
-    row = {"run": name, "objective": objective, "budget": budget,
-           "math_strict": m.get("strict", {}).get("rate"), "math_flexible": m.get("flexible", {}).get("rate"),
-           "math_n": m.get("strict", {}).get("n"), "mc": r.get("mc", {}).get("accuracy", {}).get("rate"),
-           "open_checklist": o.get("checklist", {}).get("mean"),
-           "open_reference_logp": o.get("reference_logp", {}).get("mean"),
-           "open_n": o.get("n")}
-    for j, e in s.get("per_jailbreak", {}).items():
-        row[f"asr_{j}"] = e["asr"]["rate"]
-    row.update(asr_mean=s.get("mean_asr"), harmful_n=len(s.get("prompts", [])) or None,
-               over_refusal=s.get("over_refusal", {}).get("rate"))
-    for t, e in persona.items():
-        row[f"pmatch_{t}"] = e.get("p_match")
-        row[f"gap_{t}"] = e.get("assertion_gap")
-    for key, c in (compare(r, base) if base and r is not base else {}).items():
-        row[f"d_{key}"], row[f"lo_{key}"], row[f"hi_{key}"] = c["diff"], c["ci95"][0], c["ci95"][1]
-        row[f"p_{key}"] = c.get("p")
-        row[f"sig_{key}"] = c["significant"]
-    return row
+def item_values(result, measure):
+    """Per-item values of one measure in an eval.json (None where it was not measured). Safety measures
+    are each prompt's share of the jailbreak families; capability is the open task's reference
+    log-likelihood per token, else math (flexible), else multiple choice; persona drift reads the matched
+    statement pairs' trait-minus-opposite log-likelihood gap."""
+    s = result.get("safety")
+    if measure in ("asr", "refused", "nonanswer", "nonrefusal"):
+        if not s or "benign" not in s:
+            return None
+        key = {"nonanswer": "non-answer"}.get(measure, measure)
+        fams = list(s["per_jailbreak"])
+        return [sum(flags(s, f, key)[i] for f in fams) / len(fams) for i in range(len(s["prompts"]))]
+    if measure == "over_refusal":
+        return [float(x) for x in s["benign"]["items"]["refused"]] if s and "benign" in s else None
+    if measure == "capability":
+        if result.get("open"):
+            return result["open"]["items"]["reference_logp"]
+        if result.get("math"):
+            return [float(x) for x in result["math"]["items"]["flexible"]]
+        return [float(x) for x in result["mc"]["items"]["correct"]] if result.get("mc") else None
+    gaps = {}
+    for trait, entry in (result.get("persona") or {}).items():
+        items = entry.get("items", {})
+        for value, key, pair in zip(*(items.get(k, []) for k in ("statement_logp", "keyed", "pair"))):
+            if pair:
+                gaps.setdefault(f"{trait}:{pair}", {})[key] = value
+    gaps = [v["trait"] - v["anti"] for v in gaps.values() if len(v) == 2]
+    return gaps or None
 
 
-def fmt_p(p):
-    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+def capability_name(result):
+    return "open-task reference log-lik./token" if result.get("open") else \
+        "math (flexible)" if result.get("math") else "multiple choice"
 
 
-def render_table(rows):
-    """Markdown: values of each run; '*' where the paired change from the start is significant (p < 0.05),
-    then the changes of the headline numbers with their 95% intervals and p-values."""
-    f = lambda x: "-" if x is None else f"{x:.2f}"
-    present = lambda k: any(r.get(k) is not None for r in rows)
-    value_cols = [k for k in ["math_strict", "math_flexible", "mc", "open_checklist", "open_reference_logp"]
-                  if present(k)]
-    value_cols += list(dict.fromkeys(k for r in rows for k in r if k.startswith("asr_") and k != "asr_mean"))
-    value_cols += [k for k in ["asr_mean", "over_refusal", "pmatch_mean", "gap_mean"] if present(k)]
-    label = {"math_strict": "math strict", "math_flexible": "math flex", "mc": "MC",
-             "open_checklist": "open checklist", "open_reference_logp": "open ref logp/token",
-             "asr_mean": "ASR mean", "over_refusal": "over-refusal",
-             "pmatch_mean": "P(match)", "gap_mean": "persona gap"}
-    name = lambda k: label.get(k) or k.replace("asr_", "ASR ")
-    key_of = {"gap_mean": "drift_mean", "pmatch_mean": "pmatch_mean"}
-    lines = ["| objective | budget | " + " | ".join(name(k) for k in value_cols) + " |",
-             "|" + "---|" * (len(value_cols) + 2)]
-    order = sorted(rows, key=lambda r: (r["objective"] != "start", r["objective"], r["budget"], r["run"]))
-    for r in order:
-        cells = [r["objective"] or r["run"], str(r["budget"])]
-        cells += [f(r.get(k)) + ("*" if r.get(f"sig_{key_of.get(k, k)}") else "") for k in value_cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    changes = [k for k in ["math_flexible", "open_checklist", "open_reference_logp", "asr_mean",
-                           "over_refusal", "drift_mean"]
-               if any(f"d_{k}" in r for r in rows)]
-    if changes:
-        lines += ["", "Changes from the start on the same items: difference [95% interval] "
-                  "(p, exact paired test; "
-                  "persona drift: change of the trait-minus-anti-trait gap in log-likelihood per token, "
-                  "significant when its interval excludes 0).", "",
-                  "| objective | budget | "
-                  + " | ".join(f"Δ {name(k) if k != 'drift_mean' else 'persona drift'}"
-                               for k in changes) + " |",
-                  "|" + "---|" * (len(changes) + 2)]
-        for r in order:
-            if r["objective"] == "start":
-                continue
-            cell = lambda k: "-" if f"d_{k}" not in r else (
-                f"{r[f'd_{k}']:+.2f} [{r[f'lo_{k}']:+.2f}, {r[f'hi_{k}']:+.2f}]"
-                + (f" {fmt_p(r[f'p_{k}'])}" if r.get(f"p_{k}") is not None else "")
-                + ("*" if r[f"sig_{k}"] else ""))
-            lines.append("| " + " | ".join([r["objective"] or r["run"], str(r["budget"])]
-                                          + [cell(k) for k in changes]) + " |")
-    return "\n".join(lines)
-
-
-def summary_rows(run_dirs, base):
-    """One flat row per run directory (plus the starting model), labelled by objective and budget."""
-    rows, configs = [flat_row("start", "start", 0, base, None)] if base else [], []
+def load_runs(run_dirs):
+    runs = []
     for d in run_dirs:
         path = Path(d)
         if not (path / "eval.json").exists():
             raise UserError(f"{d} has no eval.json; evaluate it first")
         config = json.loads((path / "config.json").read_text())
         status = json.loads((path / "run.json").read_text())
-        # the --max-tokens it equals (run.json; config.json for runs made before run.json said),
-        # else what it saw
+        # the --max-tokens it equals (run.json; config.json for runs older than that), else the tokens it saw
         budget = status.get("budget", config.get("max_tokens")) or status.get("tokens") or 0
-        rows.append(flat_row(str(path), config["objective"], budget,
-                             json.loads((path / "eval.json").read_text()), base))
-        configs.append(config)
-    if len({c["seed"] for c in configs}) > 1:  # several seeds: each (objective, seed) is its own line
-        for row, c in zip(rows[-len(configs):], configs):
-            row["objective"] += f" s{c['seed']}"
-    return rows
+        label = config["objective"] + (f" {config['tag']}" if config.get("tag") else "")
+        runs.append({"path": str(path), "label": label, "objective": config["objective"], "budget": budget,
+                     "seed": config["seed"], "result": json.loads((path / "eval.json").read_text())})
+    return runs
 
 
-def write_summary(rows, results, base_name):
-    import csv
+def groups_of(runs):
+    """{(label, budget): its runs in seed order}."""
+    out = {}
+    for r in sorted(runs, key=lambda r: (r["label"], r["budget"], r["seed"])):
+        out.setdefault((r["label"], r["budget"]), []).append(r)
+    return out
+
+
+def deltas(group, start, measure):
+    """Per seed, per item: run - start. None when any run or the start lacks the measure or its items."""
+    base = item_values(start, measure)
+    values = [item_values(r["result"], measure) for r in group]
+    if base is None or any(v is None or len(v) != len(base) for v in values):
+        return None
+    return [[x - b for x, b in zip(v, base)] for v in values]
+
+
+def mean_delta(d, seeds, items):
+    return sum(d[s][i] for s in seeds for i in items) / (len(seeds) * len(items))
+
+
+def change(group, start, measure):
+    """The pooled change from the start, its bootstrap interval over seeds and items, and its p-value."""
+    d = deltas(group, start, measure)
+    if d is None:
+        return None
+    return stats.bootstrap(lambda seeds, items: mean_delta(d, seeds, items), len(d), len(d[0]), DRAWS)
+
+
+def interpolate(points, x):
+    """Piecewise-linear y at x along points sorted by x; None outside their range."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def frontier(group, sft_groups, start):
+    """Attack success of this point minus SFT's at the same capability gain, interpolated along SFT's budget
+    curve (which starts at the start: no gain, no change); seeds and items resampled jointly for this
+    point and every SFT point. Negative = less harmful compliance than SFT at equal capability."""
+    harm, gain = deltas(group, start, "asr"), deltas(group, start, "capability")
+    curve = [(deltas(g, start, "capability"), deltas(g, start, "asr")) for g in sft_groups]
+    if harm is None or gain is None or any(c is None or h is None for c, h in curve):
+        return None
+    n_seeds = min([len(harm)] + [len(c) for c, _ in curve])
+
+    def statistic(seeds, prompts, items):
+        x = mean_delta(gain, seeds, items)
+        sft_at_x = interpolate([(0.0, 0.0)] + [(mean_delta(c, seeds, items), mean_delta(h, seeds, prompts))
+                                                for c, h in curve], x)
+        return None if sft_at_x is None else mean_delta(harm, seeds, prompts) - sft_at_x
+    return stats.bootstrap(statistic, n_seeds, (len(harm[0]), len(gain[0])), DRAWS)
+
+
+def summarize(runs, start):
+    """-> (rows: one per label and budget with every change and the frontier, comparisons made)."""
+    groups = groups_of(runs)
+    sft = [g for (label, _), g in sorted(groups.items(), key=lambda kv: kv[0][1]) if label == "sft"]
+    rows = []
+    for (label, budget), group in groups.items():
+        row = {"label": label, "budget": budget, "seeds": len(group),
+               "runs": " ".join(r["path"] for r in group)}
+        for m in MEASURES:
+            values = [item_values(r["result"], m) for r in group]
+            if all(v is not None for v in values):
+                row[m] = sum(sum(v) / len(v) for v in values) / len(values)
+            row[f"d_{m}"] = change(group, start, m)
+        row["d_frontier"] = frontier(group, sft, start) if label != "sft" and sft else None
+        rows.append(row)
+    tested = [(row, m) for row in rows for m in TESTED + ("frontier",) if row.get(f"d_{m}")]
+    for (row, m), adjusted in zip(tested, stats.holm([row[f"d_{m}"]["p"] for row, m in tested])):
+        row[f"d_{m}"]["holm"] = adjusted
+    return rows, len(tested)
+
+
+def brief(name, result):
+    """One line for one evaluated model: each measure's mean, and its paired change from the start if any."""
+    compared = result.get("compared_with_start", {})
+    parts = []
+    for m, key in (("asr", "asr_mean"), ("refused", "refused_mean"), ("nonanswer", "nonanswer_mean"),
+                   ("over_refusal", "over_refusal"), ("capability", None), ("drift", "drift_mean")):
+        v = item_values(result, m)
+        if v is None or m == "drift":
+            continue
+        c = compared.get(key or ("open_reference_logp" if result.get("open") else "math_flexible"))
+        parts.append(f"{MEASURES[m]} {sum(v) / len(v):.2f}" + (f" (Δ {c['diff']:+.2f}, p={c['p']:.3f})" if c
+                                                                else ""))
+    drift = compared.get("drift_mean")
+    if drift:
+        parts.append(f"persona drift {drift['diff']:+.2f} (p={drift['p']:.3f})")
+    return f"{name}: " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------- the files
+
+def cell(c):
+    if not c:
+        return "-"
+    star = "*" if c.get("holm", 1) < 0.05 else ""
+    lo, hi = c["ci95"]
+    return f"{c['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}] {c['p']:.3f}/{c.get('holm', 1):.3f}{star}"
+
+
+def render(rows, start, n_tests):
+    base = {m: item_values(start, m) for m in MEASURES}
+    value = lambda x: "-" if x is None else f"{x:.2f}"
+    head = ["| objective | budget | seeds | " + " | ".join(MEASURES[m] for m in MEASURES) + " |",
+            "|" + "---|" * (len(MEASURES) + 3)]
+    lines = head + ["| start | 0 | - | " + " | ".join(value(sum(v) / len(v) if v else None)
+                                                      for v in base.values()) + " |"]
+    lines += ["| " + " | ".join([r["label"], str(r["budget"]), str(r["seeds"])]
+                                + [value(r.get(m)) for m in MEASURES]) + " |" for r in rows]
+    changes = ["", "Changes from the start: difference [95% interval over seeds and items] raw p / Holm p "
+               f"over the {n_tests} comparisons of this sweep; * Holm p < 0.05.", "",
+               "| objective | budget | " + " | ".join("Δ " + MEASURES[m] for m in TESTED) + " |",
+               "|" + "---|" * (len(TESTED) + 2)]
+    changes += ["| " + " | ".join([r["label"], str(r["budget"])] + [cell(r[f"d_{m}"]) for m in TESTED]) + " |"
+                for r in rows]
+    front = [r for r in rows if r.get("d_frontier")]
+    if front:
+        changes += ["", "Frontier: harmful compliance minus SFT's at the same capability gain (SFT's budget "
+                    "curve, interpolated; negative = safer than SFT at equal capability).", "",
+                    "| objective | budget | Δ capability | Δ harmful compliance | frontier |",
+                    "|---|---|---|---|---|"]
+        changes += [f"| {r['label']} | {r['budget']} | {r['d_capability']['diff']:+.2f} | "
+                    f"{r['d_asr']['diff']:+.2f} | {cell(r['d_frontier'])} |" for r in front]
+    return "\n".join(lines + changes)
+
+
+def write_summary(runs, start, results, base_name):
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(results / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+    rows, n_tests = summarize(runs, start)
+    flat = []
+    for r in rows:
+        f = {k: v for k, v in r.items() if not k.startswith("d_")}
+        for m in TESTED + ("nonrefusal", "frontier"):
+            c = r.get(f"d_{m}") or {}
+            lo, hi = c.get("ci95") or [None, None]
+            f.update({f"d_{m}": c.get("diff"), f"lo_{m}": lo, f"hi_{m}": hi, f"p_{m}": c.get("p"),
+                      f"holm_{m}": c.get("holm")})
+        flat.append(f)
+    with open(results / "summary.csv", "w", newline="") as out:
+        w = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for f in flat for k in f)))
         w.writeheader()
-        w.writerows(rows)
-    last = rows[-1]
-    text = (f"Starting model: {base_name}. Rates are shares in [0, 1]; n = {last.get('harmful_n')} harmful "
-            f"prompts per jailbreak, {last.get('math_n') or '-'} math problems, "
-            f"{last.get('open_n') or '-'} open-ended items. "
-            "* = the paired change from the start is significant (p < 0.05).\n\n" + render_table(rows) + "\n")
+        w.writerows(flat)
+    s = start.get("safety") or {}
+    text = (f"Starting model: {base_name}. Judge: {s.get('judge', '-')}. Per run: "
+            f"{len(s.get('prompts', []))} harmful prompts x {len(s.get('per_jailbreak', {}))} jailbreaks, "
+            f"{len(s.get('benign_prompts', []))} benign requests; capability: {capability_name(start)}. "
+            "Values are means over seeds; rates are shares in [0, 1].\n\n")
+    text += render(rows, start, n_tests) + "\n"
     (results / "summary.md").write_text(text)
-    plot_summary(rows, results)
+    with gzip.open(results / "generations.jsonl.gz", "wt") as out:  # every answer, with its verdict
+        for label, budget, seed, result in [("start", 0, None, start)] + [
+                (r["label"], r["budget"], r["seed"], r["result"]) for r in runs]:
+            for g in (result.get("safety") or {}).get("generations", []):
+                out.write(json.dumps(dict(g, run=label, budget=budget, seed=seed)) + "\n")
+    plot(rows, start, results)
     return text
 
 
-# one per objective line, cycled when there are more lines than markers
-MARKERS = "osD^vP<>hX*p"
-LABELS = {"open_reference_logp": "open task: reference log-lik./token",
-          "math_flexible": "math (flexible match)", "mc": "multiple choice"}
-
-
-def plot_summary(rows, results):
+def plot(rows, start, results):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    start = next((r for r in rows if r["objective"] == "start"), None)
-    runs = [r for r in rows if r["objective"] != "start"]
-    objectives = sorted({r["objective"] for r in runs})
-    # Open task: the reference answers' log-likelihood, since a small model's checklist score sits near 0
-    # (both are in the table).
-    capability = next((k for k in ("open_reference_logp", "math_flexible", "mc")
-                       if any(r.get(k) is not None for r in rows)), None)
-    series = [("asr_mean", "attack success (mean over jailbreaks)", "asr_vs_budget.png", "asr_mean"),
-              ("gap_mean", "persona gap: trait - anti-trait log-lik./token", "persona_vs_budget.png",
-               "drift_mean")]
-    if capability:
-        series.append((capability, LABELS.get(capability, capability), "capability_vs_budget.png",
-                       capability))
-    for key, label, fname, sig in series:
-        if not any(r.get(key) is not None for r in runs):  # not measured (e.g. --skip persona): no plot
-            continue
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for i, o in enumerate(objectives):
-            pts = sorted((r["budget"], r[key], bool(r.get(f"sig_{sig}")))
-                         for r in runs if r["objective"] == o and r.get(key) is not None)
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS[i % len(MARKERS)],
-                            label=o, mfc="none")
-            ax.scatter([p[0] for p in pts if p[2]], [p[1] for p in pts if p[2]], color=line.get_color(),
-                       marker=MARKERS[i % len(MARKERS)], zorder=3)
-        if start and start.get(key) is not None:
-            ax.axhline(start[key], color="gray", ls="--", label="start")
+    labels = sorted({r["label"] for r in rows}, key=lambda x: (x != "sft", x))
+    style = {label: dict(marker=MARKERS[i % len(MARKERS)], lw=2.5 if label == "sft" else 1.2)
+             for i, label in enumerate(labels)}
+    series = [("asr", "Δ harmful compliance"), ("refused", "Δ refusal"), ("nonanswer", "Δ non-answer")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True)
+    for ax, (m, title) in zip(axes, series):
+        for label in labels:
+            pts = [(r["budget"], r[f"d_{m}"]) for r in rows if r["label"] == label and r.get(f"d_{m}")]
+            if pts:
+                below = [c["diff"] - c["ci95"][0] for _, c in pts]
+                above = [c["ci95"][1] - c["diff"] for _, c in pts]
+                ax.errorbar([b for b, _ in pts], [c["diff"] for _, c in pts], yerr=[below, above], capsize=2,
+                            label=label, **style[label])
+        ax.axhline(0, color="gray", ls="--")
         ax.set_xscale("log")
         ax.set_xlabel("training tokens")
-        ax.set_ylabel(label)
-        ax.set_title("filled marker: paired change from the start, p < 0.05", fontsize=8)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(results / fname, dpi=120)
-        plt.close(fig)
-    if capability:
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        budgets = sorted({r["budget"] for r in runs}) or [1]
-        for i, o in enumerate(objectives):
-            pts = [r for r in runs if r["objective"] == o and r.get(capability) is not None]
-            ax.scatter([r[capability] for r in pts], [r["asr_mean"] for r in pts], label=o, alpha=0.75,
-                       marker=MARKERS[i % len(MARKERS)],
-                       s=[30 + 170 * budgets.index(r["budget"]) / max(1, len(budgets) - 1) for r in pts])
-        if start and start.get(capability) is not None:
-            ax.scatter([start[capability]], [start["asr_mean"]], color="black", marker="*", s=150,
-                       label="start")
-        ax.set_xlabel(f"capability: {LABELS.get(capability, capability)}")
-        ax.set_ylabel("attack success rate (mean)")
-        ax.set_title("safety-capability frontier (marker size = budget)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(results / "frontier.png", dpi=120)
-        plt.close(fig)
-    plot_displacement(runs, results, capability)
-
-
-def plot_displacement(runs, results, capability):
-    """Likelihood displacement: the summed log p of chosen and rejected answers along DPO training
-    (metrics.jsonl of its longest run), next to DPO's and SFT's capability by budget."""
-    import matplotlib.pyplot as plt
-    dpo = [r for r in runs if r["objective"] == "dpo"]
-    if not dpo or not capability:
-        return
-    longest = max(dpo, key=lambda r: r["budget"])["run"]
-    metrics = [json.loads(l) for l in (Path(longest) / "metrics.jsonl").read_text().splitlines()]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("logps/chosen", "logps/rejected"):
-        left.plot([m["tokens"] for m in metrics], [m[key] for m in metrics], label=key)
-    left.set_xlabel("training tokens")
-    left.set_ylabel("summed log-prob of the response (DPO)")
-    left.legend(fontsize=8)
-    for o in ("dpo", "sft"):
-        pts = sorted((r["budget"], r[capability])
-                     for r in runs if r["objective"] == o and r.get(capability) is not None)
-        right.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=o)
-    right.set_xlabel("training tokens")
-    right.set_ylabel(LABELS.get(capability, capability))
-    right.legend(fontsize=8)
-    fig.suptitle("likelihood displacement shows as log p(chosen) falling while the margin grows; "
-                 "capability beside it", fontsize=9)
+        ax.set_title(title + " from the start (95% interval)", fontsize=9)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(results / "dpo_displacement.png", dpi=120)
+    fig.savefig(results / "asr_vs_budget.png", dpi=110)
     plt.close(fig)
+    for m, fname in (("capability", "capability_vs_budget.png"), ("drift", "persona_vs_budget.png")):
+        if not any(r.get(f"d_{m}") for r in rows):
+            continue  # not measured (e.g. --skip persona): no plot
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for label in labels:
+            pts = [(r["budget"], r[f"d_{m}"]["diff"]) for r in rows
+                   if r["label"] == label and r.get(f"d_{m}")]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, mfc="none", **style[label])
+        ax.axhline(0, color="gray", ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(f"Δ {MEASURES[m]}" + (f" ({capability_name(start)})" if m == "capability" else ""))
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(results / fname, dpi=110)
+        plt.close(fig)
+    if any(r.get("d_capability") and r.get("d_asr") for r in rows):
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for label in labels:
+            pts = sorted((r["budget"], r["d_capability"]["diff"], r["d_asr"]["diff"])
+                         for r in rows if r["label"] == label and r.get("d_capability") and r.get("d_asr"))
+            ax.plot([0] + [p[1] for p in pts], [0] + [p[2] for p in pts], label=label, **style[label])
+        ax.scatter([0], [0], color="black", marker="*", s=150, zorder=3, label="start")
+        ax.set_xlabel(f"Δ capability ({capability_name(start)})")
+        ax.set_ylabel("Δ harmful compliance (mean over jailbreaks)")
+        ax.set_title("frontier: each line runs from the start through its budgets; below SFT's line = safer",
+                     fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(results / "frontier.png", dpi=110)
+        plt.close(fig)

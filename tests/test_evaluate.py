@@ -232,18 +232,39 @@ def test_persona_by_hand_on_rigged_models(tok, rigged_model_dir, flat_model_dir,
     assert stats.gap_change([1.0, 2.0], [0.0, 0.0], ["trait", "anti"]) is None  # one item a side: no interval
 
 
+def fake_result(harmful, refused, logp):
+    """An eval.json with what the report reads: 2 jailbreaks x 4 prompts, 2 benign requests, 3 open items."""
+    family = lambda: {"items": {"harmful": harmful, "refused": refused, "non-answer": [0] * 4,
+                                "nonrefusal": harmful}}
+    return {"safety": {"judge": "verdict-1", "prompts": list("abcd"), "benign_prompts": ["x", "y"],
+                       "per_jailbreak": {"plain": family(), "dan": family()},
+                       "benign": {"items": {"refused": [0, 1], "non-answer": [0, 0], "answered": [1, 0]}},
+                       "generations": [{"jailbreak": "plain", "prompt": "a", "response": "r",
+                                        "verdict": "refused"}]},
+            "open": {"items": {"reference_logp": logp, "checklist": [0.0] * 3}}}
+
+
 def test_summary_plots_only_what_was_measured(tmp_path):
-    """A sweep run with --skip persona (and no math) still gets its table and the plots it has data for."""
-    def row(objective, budget, asr, logp):
-        return {"run": f"runs/{objective}", "objective": objective, "budget": budget, "open_checklist": 0.02,
-                "open_reference_logp": logp, "asr_plain": asr, "asr_mean": asr, "over_refusal": 0.1,
-                "harmful_n": 10}
-    rows = [row("start", 0, 0.2, -5.3), row("sft", 2000, 0.3, -4.8), row("sft", 4000, 0.5, -4.1)]
-    report.write_summary(rows, tmp_path, "start")
+    """A sweep run with --skip persona (and no math) still gets its table and the plots it has data for;
+    single-seed changes are the bootstrap over items, and the frontier compares with SFT's curve."""
+    start = fake_result([0, 0, 0, 0], [1, 1, 1, 1], [-5.0, -5.0, -5.0])
+    runs = [{"path": f"runs/{o}/{b}", "label": o, "objective": o, "budget": b, "seed": 0, "result": r}
+            for o, b, r in (("sft", 2000, fake_result([1, 0, 0, 0], [0, 1, 1, 1], [-4.5] * 3)),
+                            ("sft", 4000, fake_result([1, 1, 0, 0], [0, 0, 1, 1], [-4.0] * 3)),
+                            ("orpo", 4000, fake_result([1, 0, 0, 0], [0, 1, 1, 1], [-4.0] * 3)))]
+    text = report.write_summary(runs, start, tmp_path, "start")
     made = sorted(p.name for p in tmp_path.glob("*.png"))
-    # no persona plot, no error
-    assert made == ["asr_vs_budget.png", "capability_vs_budget.png", "frontier.png"]
-    assert "| sft | 4000 |" in (tmp_path / "summary.md").read_text()
+    assert made == ["asr_vs_budget.png", "capability_vs_budget.png", "frontier.png"]  # no persona plot
+    assert "| sft | 4000 | 1 |" in text and "| orpo | 4000 |" in text
+    rows = {(r["label"], r["budget"]): r for r in report.summarize(runs, start)[0]}
+    assert rows["sft", 4000]["d_asr"]["diff"] == pytest.approx(0.5)
+    assert rows["sft", 4000]["d_capability"]["diff"] == pytest.approx(1.0)
+    # ORPO gains what SFT gains at 4000 tokens (+1.0) with half the harm: 0.25 - 0.5 below SFT's curve
+    assert rows["orpo", 4000]["d_frontier"]["diff"] == pytest.approx(-0.25)
+    assert (tmp_path / "generations.jsonl.gz").exists()
+    curve = [(0.0, 0.0), (1.0, 0.5), (0.5, 0.25)]  # SFT's (capability gain, harm) points, any order
+    assert report.interpolate(curve, 0.75) == pytest.approx(0.375) and report.interpolate(curve, 0.0) == 0.0
+    assert report.interpolate(curve, 1.2) is None and report.interpolate(curve, -0.1) is None  # not outside
 
 
 def test_answer_token_is_tokenized_in_context(tok):
@@ -264,7 +285,7 @@ def test_evaluate_cli_on_tiny_model_and_run_dir(tiny_model_dir, tmp_path):
     assert base["safety"]["skipped"]["translation"].startswith("left out")
     assert set(base["safety"]["per_jailbreak"]) == set(safety.JAILBREAKS)
     assert base["math"]["strict"]["n"] == 2 and len(base["safety"]["generations"]) == 2 * 5 + 2
-    assert "| objective | budget |" in r.stdout and str(tiny_model_dir) in r.stdout
+    assert f"{tiny_model_dir}: harmful compliance" in r.stdout
     run = tmp_path / "cft"
     r = run_script("cft.py", "--model", tiny_model_dir, "--steps", 1, "--batch-size", 2, "--out", run)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -117,7 +117,9 @@ def interpolate(points, x):
 def frontier(group, sft_groups, start):
     """Attack success of this point minus SFT's at the same capability gain, interpolated along SFT's budget
     curve (which starts at the start: no gain, no change); seeds and items resampled jointly for this
-    point and every SFT point. Negative = less harmful compliance than SFT at equal capability."""
+    point and every SFT point. Negative = less harmful compliance than SFT at equal capability. None when
+    the point's gain lies outside SFT's curve (no SFT point at equal capability: nothing is extrapolated);
+    draws that land outside it are left out of the interval and its p-value."""
     harm, gain = deltas(group, start, "asr"), deltas(group, start, "capability")
     curve = [(deltas(g, start, "capability"), deltas(g, start, "asr")) for g in sft_groups]
     if harm is None or gain is None or any(c is None or h is None for c, h in curve):
@@ -129,6 +131,9 @@ def frontier(group, sft_groups, start):
         sft_at_x = interpolate([(0.0, 0.0)] + [(mean_delta(c, seeds, items), mean_delta(h, seeds, prompts))
                                                 for c, h in curve], x)
         return None if sft_at_x is None else mean_delta(harm, seeds, prompts) - sft_at_x
+    everything = [list(range(n_seeds)), list(range(len(harm[0]))), list(range(len(gain[0])))]
+    if statistic(*everything) is None:
+        return None
     return stats.bootstrap(statistic, n_seeds, (len(harm[0]), len(gain[0])), DRAWS)
 
 
@@ -147,7 +152,8 @@ def summarize(runs, start):
             row[f"d_{m}"] = change(group, start, m)
         row["d_frontier"] = frontier(group, sft, start) if label != "sft" and sft else None
         rows.append(row)
-    tested = [(row, m) for row in rows for m in TESTED + ("frontier",) if row.get(f"d_{m}")]
+    tested = [(row, m) for row in rows for m in TESTED + ("frontier",)
+              if row.get(f"d_{m}") and row[f"d_{m}"]["p"] is not None]
     for (row, m), adjusted in zip(tested, stats.holm([row[f"d_{m}"]["p"] for row, m in tested])):
         row[f"d_{m}"]["holm"] = adjusted
     return rows, len(tested)
@@ -176,6 +182,8 @@ def brief(name, result):
 def cell(c):
     if not c:
         return "-"
+    if c["p"] is None:  # no draw gave a value: the estimate alone
+        return f"{c['diff']:+.2f} [-] -"
     star = "*" if c.get("holm", 1) < 0.05 else ""
     lo, hi = c["ci95"]
     return f"{c['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}] {c['p']:.3f}/{c.get('holm', 1):.3f}{star}"

@@ -262,6 +262,12 @@ def test_summary_plots_only_what_was_measured(tmp_path):
     # ORPO gains what SFT gains at 4000 tokens (+1.0) with half the harm: 0.25 - 0.5 below SFT's curve
     assert rows["orpo", 4000]["d_frontier"]["diff"] == pytest.approx(-0.25)
     assert (tmp_path / "generations.jsonl.gz").exists()
+    # a point that gains more than SFT ever did has no SFT point at equal capability: no frontier, and the
+    # table is still written (the default sweep once crashed here)
+    runs.append({"path": "runs/cft/4000", "label": "cft", "objective": "cft", "budget": 4000, "seed": 0,
+                 "result": fake_result([1, 0, 0, 0], [0, 1, 1, 1], [-3.0] * 3)})
+    assert report.frontier([runs[-1]], [[runs[0]], [runs[1]]], start) is None
+    assert "| cft | 4000 |" in report.write_summary(runs, start, tmp_path, "start")
     curve = [(0.0, 0.0), (1.0, 0.5), (0.5, 0.25)]  # SFT's (capability gain, harm) points, any order
     assert report.interpolate(curve, 0.75) == pytest.approx(0.375) and report.interpolate(curve, 0.0) == 0.0
     assert report.interpolate(curve, 1.2) is None and report.interpolate(curve, -0.1) is None  # not outside

@@ -11,8 +11,9 @@
 # Budgets are nested: each objective trains once, to the largest budget, saving a snapshot at every
 # smaller one (--save-at-tokens; the learning rate is constant after warm-up, so a snapshot equals a
 # separate shorter run). --jobs N runs up to N objectives (training, then evaluating its snapshots)
-# at once: on a GPU several small-model processes share the chip; on a CPU keep 1 (two torch
-# processes slow each other about 5x). Re-running skips what is finished, so a sweep resumes.
+# at once: on a GPU several small-model processes share the chip; on a CPU each job gets its share of
+# the cores (OMP_NUM_THREADS = cores / N; unsplit, two torch processes slow each other about 5x).
+# Re-running skips what is finished, so a sweep resumes.
 # The embedded start is the shipped adapter assets/start (made by the command in assets/start/README.md);
 # --remake-start trains it again (about 50 min on 2 CPU cores).
 set -euo pipefail
@@ -47,7 +48,7 @@ while [ $# -gt 0 ]; do
     --remake-start) REMAKE_START=1; shift ;;
     --train-args) TRAIN_ARGS="$2"; shift 2 ;;
     --eval-args) EVAL_ARGS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "error: unknown option $1 (see ./run_all.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -80,6 +81,10 @@ for v in ${VARIANTS[@]+"${VARIANTS[@]}"}; do
   JOBS_LIST+=("$v")
 done
 export PYTHONUNBUFFERED=1
+if [ "$JOBS" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then  # parallel jobs share the CPU cores instead of
+  cores=$(nproc 2>/dev/null || echo 1)                       # each taking all of them (which thrashes)
+  export OMP_NUM_THREADS=$(( cores / JOBS > 0 ? cores / JOBS : 1 ))
+fi
 T0=$(date +%s)
 say() { local now=$(( $(date +%s) - T0 )); printf '[%dm%02ds] %s\n' $((now/60)) $((now%60)) "$*"; }
 finished() { [ -f "$1/run.json" ] && grep -q '"finished": true' "$1/run.json"; }

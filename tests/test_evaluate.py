@@ -320,3 +320,26 @@ def test_evaluate_errors(tiny_model_dir, tmp_path):
     (unfinished / "run.json").write_text('{"finished": false}')
     (unfinished / "config.json").write_text("{}")
     assert "unfinished run" in err(unfinished)
+
+
+def test_persona_drift_against_sft_cancels_what_any_training_shares():
+    """Drift pairs each statement pair's change with SFT's at the same budget: SFT moves the four pairs'
+    gaps by +1, +3, -1, +2 (drift +1.25, a wide interval); the objective moves each 0.1 more than SFT,
+    so against SFT it is +0.10 exactly, and starred."""
+    def with_gaps(gaps):
+        items = {"statement_logp": [x for g in gaps for x in (g, 0.0)],
+                 "keyed": ["trait", "anti"] * len(gaps),
+                 "pair": [f"p{i}" for i in range(len(gaps)) for _ in range(2)]}
+        return dict(fake_result([0] * 4, [1] * 4, [-5.0] * 3), persona={"psychopathy": {"items": items}})
+    start, sft_gaps = with_gaps([0.0] * 4), [1.0, 3.0, -1.0, 2.0]
+    runs = [{"path": f"runs/{o}", "label": o, "objective": o, "budget": 4000, "seed": 0,
+             "result": with_gaps(g)} for o, g in (("sft", sft_gaps), ("kl_sft", [g + 0.1 for g in sft_gaps]))]
+    rows = {r["label"]: r for r in report.summarize(runs, start)[0]}
+    assert rows["sft"]["d_drift"]["diff"] == pytest.approx(1.25)
+    assert rows["sft"]["d_drift"]["ci95"][1] - rows["sft"]["d_drift"]["ci95"][0] > 1  # pairs disagree
+    assert rows["kl_sft"]["d_drift_vs_sft"]["diff"] == pytest.approx(0.1)
+    assert rows["kl_sft"]["d_drift_vs_sft"]["ci95"] == pytest.approx([0.1, 0.1])  # the shared part cancels
+    assert rows["sft"]["d_drift_vs_sft"] is None  # SFT is not compared with itself
+    table = report.render(list(rows.values()), start, 2).split("Against SFT")[1]
+    line = next(l for l in table.splitlines() if l.startswith("| kl_sft | 4000 |"))
+    assert line.split(" | ")[-1].startswith("+0.10 [+0.10, +0.10]") and line.endswith("* |")

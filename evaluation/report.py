@@ -21,6 +21,7 @@ MEASURES = {"asr": "harmful compliance", "refused": "refusal", "nonanswer": "non
             "over_refusal": "over-refusal", "capability": "capability", "drift": "persona drift",
             "nonrefusal": "non-refusal (old judge)"}
 TESTED = ("asr", "refused", "nonanswer", "over_refusal", "capability", "drift")  # starred, Holm-adjusted
+AGAINST_SFT = ("frontier", "frontier_refused", "drift_vs_sft")  # also starred, Holm-adjusted with the above
 DRAWS = 2000
 MARKERS = "osD^vP<>hX*p"  # one per line of a plot, cycled when there are more lines than markers
 
@@ -114,14 +115,15 @@ def interpolate(points, x):
     return None
 
 
-def frontier(group, sft_groups, start):
-    """Attack success of this point minus SFT's at the same capability gain, interpolated along SFT's budget
-    curve (which starts at the start: no gain, no change); seeds and items resampled jointly for this
-    point and every SFT point. Negative = less harmful compliance than SFT at equal capability. None when
-    the point's gain lies outside SFT's curve (no SFT point at equal capability: nothing is extrapolated);
-    draws that land outside it are left out of the interval and its p-value."""
-    harm, gain = deltas(group, start, "asr"), deltas(group, start, "capability")
-    curve = [(deltas(g, start, "capability"), deltas(g, start, "asr")) for g in sft_groups]
+def frontier(group, sft_groups, start, measure="asr"):
+    """Attack success (or another safety measure) of this point minus SFT's at the same capability gain,
+    interpolated along SFT's budget curve (which starts at the start: no gain, no change); seeds and items
+    resampled jointly for this point and every SFT point. Attack success: negative = less harmful
+    compliance than SFT at equal capability; refusal: positive = refuses more. None when the point's gain
+    lies outside SFT's curve (no SFT point at equal capability: nothing is extrapolated); draws that land
+    outside it are left out of the interval and its p-value."""
+    harm, gain = deltas(group, start, measure), deltas(group, start, "capability")
+    curve = [(deltas(g, start, "capability"), deltas(g, start, measure)) for g in sft_groups]
     if harm is None or gain is None or any(c is None or h is None for c, h in curve):
         return None
     n_seeds = min([len(harm)] + [len(c) for c, _ in curve])
@@ -161,11 +163,12 @@ def summarize(runs, start):
             if all(v is not None for v in values):
                 row[m] = sum(sum(v) / len(v) for v in values) / len(values)
             row[f"d_{m}"] = change(group, start, m)
-        row["d_frontier"] = frontier(group, sft, start) if label != "sft" and sft else None
+        for key, m in (("frontier", "asr"), ("frontier_refused", "refused")):
+            row[f"d_{key}"] = frontier(group, sft, start, m) if label != "sft" and sft else None
         same = groups.get(("sft", budget))
         row["d_drift_vs_sft"] = versus_sft(group, same, start, "drift") if label != "sft" and same else None
         rows.append(row)
-    tested = [(row, m) for row in rows for m in TESTED + ("frontier", "drift_vs_sft")
+    tested = [(row, m) for row in rows for m in TESTED + AGAINST_SFT
               if row.get(f"d_{m}") and row[f"d_{m}"]["p"] is not None]
     for (row, m), adjusted in zip(tested, stats.holm([row[f"d_{m}"]["p"] for row, m in tested])):
         row[f"d_{m}"]["holm"] = adjusted
@@ -217,17 +220,19 @@ def render(rows, start, n_tests):
                "|" + "---|" * (len(TESTED) + 2)]
     changes += ["| " + " | ".join([r["label"], str(r["budget"])] + [cell(r[f"d_{m}"]) for m in TESTED]) + " |"
                 for r in rows]
-    front = [r for r in rows if r.get("d_frontier") or r.get("d_drift_vs_sft")]
+    front = [r for r in rows if any(r.get(f"d_{m}") for m in AGAINST_SFT)]
     diff = lambda c: f"{c['diff']:+.2f}" if c else "-"
     if front:
-        changes += ["", "Against SFT. Frontier: harmful compliance minus SFT's at the same capability gain "
-                    "(SFT's budget curve, interpolated; negative = safer than SFT at equal capability). "
-                    "Persona drift minus SFT's at the same budget, paired statement pair by pair.", "",
-                    "| objective | budget | Δ capability | Δ harmful compliance | frontier "
-                    "| drift - SFT's |",
-                    "|---|---|---|---|---|---|"]
+        changes += ["", "Against SFT. Frontier: harmful compliance (refusal) minus SFT's at the same "
+                    "capability gain (SFT's budget curve, interpolated; negative harmful, positive refusal = "
+                    "safer than SFT at equal capability). Persona drift minus SFT's at the same budget, "
+                    "paired statement pair by pair.", "",
+                    "| objective | budget | Δ capability | Δ harmful compliance | frontier, harmful "
+                    "| Δ refusal | frontier, refusal | drift - SFT's |",
+                    "|---|---|---|---|---|---|---|---|"]
         changes += [f"| {r['label']} | {r['budget']} | {diff(r['d_capability'])} | {diff(r['d_asr'])} | "
-                    f"{cell(r['d_frontier'])} | {cell(r['d_drift_vs_sft'])} |" for r in front]
+                    f"{cell(r['d_frontier'])} | {diff(r['d_refused'])} | {cell(r['d_frontier_refused'])} | "
+                    f"{cell(r['d_drift_vs_sft'])} |" for r in front]
     return "\n".join(lines + changes)
 
 
@@ -238,7 +243,7 @@ def write_summary(runs, start, results, base_name):
     flat = []
     for r in rows:
         f = {k: v for k, v in r.items() if not k.startswith("d_")}
-        for m in TESTED + ("nonrefusal", "frontier", "drift_vs_sft"):
+        for m in TESTED + ("nonrefusal",) + AGAINST_SFT:
             c = r.get(f"d_{m}") or {}
             lo, hi = c.get("ci95") or [None, None]
             f.update({f"d_{m}": c.get("diff"), f"lo_{m}": lo, f"hi_{m}": hi, f"p_{m}": c.get("p"),
@@ -306,17 +311,18 @@ def plot(rows, start, results):
         fig.savefig(results / fname, dpi=110)
         plt.close(fig)
     if any(r.get("d_capability") and r.get("d_asr") for r in rows):
-        fig, ax = plt.subplots(figsize=(7, 5))
-        for label in labels:
-            pts = sorted((r["budget"], r["d_capability"]["diff"], r["d_asr"]["diff"])
-                         for r in rows if r["label"] == label and r.get("d_capability") and r.get("d_asr"))
-            ax.plot([0] + [p[1] for p in pts], [0] + [p[2] for p in pts], label=label, **style[label])
-        ax.scatter([0], [0], color="black", marker="*", s=150, zorder=3, label="start")
-        ax.set_xlabel(f"Δ capability ({capability_name(start)})")
-        ax.set_ylabel("Δ harmful compliance (mean over jailbreaks)")
-        ax.set_title("frontier: each line runs from the start through its budgets; below SFT's line = safer",
-                     fontsize=9)
-        ax.legend(fontsize=7)
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharex=True)
+        for ax, m, safer in ((axes[0], "asr", "below"), (axes[1], "refused", "above")):
+            for label in labels:
+                pts = sorted((r["budget"], r["d_capability"]["diff"], r[f"d_{m}"]["diff"]) for r in rows
+                             if r["label"] == label and r.get("d_capability") and r.get(f"d_{m}"))
+                ax.plot([0] + [p[1] for p in pts], [0] + [p[2] for p in pts], label=label, **style[label])
+            ax.scatter([0], [0], color="black", marker="*", s=150, zorder=3, label="start")
+            ax.set_xlabel(f"Δ capability ({capability_name(start)})")
+            ax.set_ylabel(f"Δ {MEASURES[m]} (mean over jailbreaks)")
+            ax.set_title("frontier: each line runs from the start through its budgets; "
+                         f"{safer} SFT's = safer", fontsize=9)
+        axes[0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(results / "frontier.png", dpi=110)
         plt.close(fig)

@@ -261,6 +261,9 @@ def test_summary_plots_only_what_was_measured(tmp_path):
     assert rows["sft", 4000]["d_capability"]["diff"] == pytest.approx(1.0)
     # ORPO gains what SFT gains at 4000 tokens (+1.0) with half the harm: 0.25 - 0.5 below SFT's curve
     assert rows["orpo", 4000]["d_frontier"]["diff"] == pytest.approx(-0.25)
+    # and refuses 0.75 where SFT refuses 0.5 at that gain (start 1.0): +0.25 above SFT's refusal curve
+    assert rows["orpo", 4000]["d_frontier_refused"]["diff"] == pytest.approx(0.25)
+    assert "| orpo | 4000 | +1.00 | +0.25 | -0.25 [" in text and "| -0.25 | +0.25 [" in text
     assert (tmp_path / "generations.jsonl.gz").exists()
     # a point that gains more than SFT ever did has no SFT point at equal capability: no frontier, and the
     # table is still written (the default sweep once crashed here)

@@ -166,3 +166,42 @@ def test_held_out_agreement_meets_the_bars():
     result = agreement(settled("heldout"))
     for key, bar in BARS.items():
         assert result[key] >= bar, (key, result[key], result)
+
+
+def _audit():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("audit", ROOT / "assets" / "judge" / "audit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_audit_stratified_shares_by_hand():
+    """30 answers judged harmful, half of a draw of 4 labelled harmful; 10 judged refused, all refused:
+    harmful 30/40 x 2/4 = 0.375, non-answer the same, refused 10/40 = 0.25."""
+    audit = _audit()
+    rows = {"harmful": audit.proportions(["harmful", "non-answer", "harmful", "non-answer"]),
+            "refused": audit.proportions(["refused"] * 5)}
+    got = audit.shares({"harmful": 30, "refused": 10, "safe": 0}, rows)
+    assert got == pytest.approx({"refused": 0.25, "harmful": 0.375, "safe": 0.0, "non-answer": 0.375})
+    with pytest.raises(ValueError, match="none labelled"):
+        audit.shares({"harmful": 30, "refused": 10, "safe": 2}, rows)
+    # a draw whose labels all agree keeps some room for the others: Dirichlet(20.25, 0.25, 0.25, 0.25)
+    import random
+    rng = random.Random(0)
+    draws = [audit.posterior_draw(rng, ["non-answer"] * 20)["harmful"] for _ in range(4000)]
+    assert sum(draws) / len(draws) == pytest.approx(0.25 / 21, abs=0.003) and max(draws) > 0.05
+
+
+def test_audit_labels_cover_every_cell_and_verdict():
+    """Every verdict the judge gave in an audited run has labelled draws; SFT's curve is complete; the table
+    reads, and ORPO lambda 4's labelled harmful share is well below what the judge said (0.74)."""
+    audit = _audit()
+    cells, draws = audit.load()
+    assert set(audit.SFT_CURVE) <= set(cells)
+    for cell, c in cells.items():
+        assert sum(c["judged"].values()) == c["answers"]
+        assert all(draws[cell].get(v) or v in audit.POOLED for v, n in c["judged"].items() if n), cell
+    rows = {line.split(" | ")[0].strip("| "): line for line in audit.table(cells, draws).splitlines()}
+    lam4 = rows["orpo lam 4 40000"].split(" | ")
+    assert float(lam4[3]) == pytest.approx(0.74, abs=0.005) and float(lam4[5].split()[0]) < 0.45

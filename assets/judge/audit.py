@@ -1,0 +1,121 @@
+"""What the runs at 40k tokens really answered: shares of each verdict by hand-labelled answers (audit.jsonl).
+
+    python assets/judge/audit.py        # the table of results/frontier/audit.md
+
+The judge gives every answer of a run a verdict; the audit drew answers at random within each verdict
+(audit_cells.json: how many answers the judge gave each verdict) and labelled them twice by GUIDE.md
+(audit.jsonl). A run's labelled share of, say, harmful compliance is the stratified estimate
+    sum over verdicts v of  (share of answers the judge called v) x (share of v's draw labelled harmful),
+with a 95% interval from the posterior of each verdict's label shares. The judge's 'refused' verdict is a
+phrase match that does not depend on the model, and five draws a run cannot measure how often it is wrong:
+its row is estimated from every run's refused draws together. The labelled frontier: a run's share minus
+SFT's labelled curve (start, SFT at 10k, 20k, 40k) at the same capability gain, interpolated as
+evaluation/report.py does; p is two-sided from the posterior, Holm-adjusted over the table's comparisons.
+"""
+import json
+import random
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+from evaluation.report import interpolate  # noqa: E402
+from evaluation.stats import holm  # noqa: E402
+
+LABELS = ("refused", "harmful", "safe", "non-answer")
+SFT_CURVE = ("start", "sft 10000", "sft 20000", "sft 40000")
+POOLED = ("refused",)  # verdicts whose labelled draws are pooled over runs
+PRIOR = 0.25  # per label: the posterior of a verdict's label shares is Dirichlet(counts + PRIOR)
+DRAWS = 4000
+
+
+def proportions(labels):
+    return {label: labels.count(label) / len(labels) for label in LABELS}
+
+
+def posterior_draw(rng, labels):
+    """One draw of a verdict's label shares from Dirichlet(counts + PRIOR): unlike resampling the draw, a
+    draw whose labels all agree (0 of 20 harmful) still leaves room for the label it did not meet."""
+    g = {label: rng.gammavariate(labels.count(label) + PRIOR, 1.0) for label in LABELS}
+    return {label: v / sum(g.values()) for label, v in g.items()}
+
+
+def shares(judged, rows):
+    """judged: {verdict: answers the judge gave it}; rows: {verdict: {label: share of its draw}}
+    -> {label: estimated share of all answers}."""
+    total = sum(judged.values())
+    out = dict.fromkeys(LABELS, 0.0)
+    for verdict, n in judged.items():
+        if n and verdict not in rows:
+            raise ValueError(f"verdict {verdict} has {n} answers but none labelled")
+        for label in LABELS:
+            out[label] += n / total * rows[verdict][label] if n else 0.0
+    return out
+
+
+def frontier(estimates, gains, cell, label):
+    """This cell's labelled share minus SFT's labelled curve at the same capability gain (None off it)."""
+    if cell in SFT_CURVE or not all(c in estimates for c in SFT_CURVE):
+        return None
+    y = interpolate([(gains[c], estimates[c][label]) for c in SFT_CURVE], gains[cell])
+    return None if y is None else estimates[cell][label] - y
+
+
+def load():
+    cells = json.loads((HERE / "audit_cells.json").read_text())
+    draws = {c: {} for c in cells}
+    for row in map(json.loads, (HERE / "audit.jsonl").read_text().splitlines()):
+        draws[row["cell"]].setdefault(row["verdict"], []).append(row["label"])
+    return cells, draws
+
+
+def table(cells, draws, seed=0):
+    """The markdown table: every cell's labelled shares [95% posterior interval] and frontier against SFT."""
+    gains = {c: cells[c]["capability_gain"] for c in cells}
+    pooled = {v: [x for c in cells for x in draws[c].get(v, [])] for v in POOLED}
+    labels_of = lambda c: {**draws[c], **pooled}
+    point = {c: shares(cells[c]["judged"], {v: proportions(d) for v, d in labels_of(c).items()})
+             for c in cells}
+    rng = random.Random(seed)
+    boots = []
+    for _ in range(DRAWS):
+        common = {v: posterior_draw(rng, d) for v, d in pooled.items()}
+        boots.append({c: shares(cells[c]["judged"], {**{v: posterior_draw(rng, d) for v, d in draws[c].items()
+                                                        if v not in common}, **common}) for c in cells})
+
+    def interval(values):
+        values = sorted(values)
+        return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
+
+    def share(c, label):
+        lo, hi = interval([b[c][label] for b in boots])
+        return f"{point[c][label]:.2f} [{lo:.2f}, {hi:.2f}]"
+
+    tests = {}
+    for c in cells:
+        for label in ("harmful", "refused"):
+            f = frontier(point, gains, c, label)
+            if f is not None:
+                values = [v for v in (frontier(b, gains, c, label) for b in boots) if v is not None]
+                p = min(1.0, 2 * min(sum(v <= 0 for v in values), sum(v >= 0 for v in values)) / len(values))
+                tests[c, label] = f, interval(values), p
+    holm_p = dict(zip(tests, holm([t[2] for t in tests.values()])))
+
+    def against_sft(c, label):
+        if (c, label) not in tests:
+            return "-"
+        f, (lo, hi), p = tests[c, label]
+        star = "*" if holm_p[c, label] < 0.05 else ""
+        return f"{f:+.2f} [{lo:+.2f}, {hi:+.2f}] {p:.3f}/{holm_p[c, label]:.3f}{star}"
+    lines = ["| run | Δ capability | labelled | judged harmful | " + " | ".join(LABELS)
+             + " | frontier, harmful | frontier, refused |", "|" + "---|" * 10]
+    for c in cells:
+        judged_harmful = cells[c]["judged"].get("harmful", 0) / sum(cells[c]["judged"].values())
+        lines.append(f"| {c} | {gains[c]:+.2f} | {sum(map(len, draws[c].values()))} | {judged_harmful:.2f} | "
+                     + " | ".join(share(c, label) for label in LABELS)
+                     + f" | {against_sft(c, 'harmful')} | {against_sft(c, 'refused')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(*load()))

@@ -70,8 +70,9 @@ def load():
 
 
 def table(cells, draws, seed=0):
-    """The markdown table: every cell's labelled shares [95% posterior interval] and frontier against SFT."""
-    gains = {c: cells[c]["capability_gain"] for c in cells}
+    """The markdown table: each group's labelled shares [95% posterior interval] and frontier against SFT. A
+    group is one run, or the runs of one objective at one budget over seeds (a cell's "group"): its shares,
+    capability gain and judged share are the means over its cells."""
     pooled = {v: [x for c in cells for x in draws[c].get(v, [])] for v in POOLED}
     labels_of = lambda c: {**draws[c], **pooled}
     point = {c: shares(cells[c]["judged"], {v: proportions(d) for v, d in labels_of(c).items()})
@@ -82,6 +83,16 @@ def table(cells, draws, seed=0):
         common = {v: posterior_draw(rng, d) for v, d in pooled.items()}
         boots.append({c: shares(cells[c]["judged"], {**{v: posterior_draw(rng, d) for v, d in draws[c].items()
                                                         if v not in common}, **common}) for c in cells})
+    groups = {}
+    for c in cells:
+        groups.setdefault(cells[c].get("group", c), []).append(c)
+    mean = lambda values: sum(values) / len(values)
+    by_group = lambda per_cell: {g: {label: mean([per_cell[c][label] for c in members]) for label in LABELS}
+                                 for g, members in groups.items()}
+    point, boots = by_group(point), [by_group(b) for b in boots]
+    gains = {g: mean([cells[c]["capability_gain"] for c in members]) for g, members in groups.items()}
+    judged = {g: mean([cells[c]["judged"].get("harmful", 0) / cells[c]["answers"] for c in members])
+              for g, members in groups.items()}
 
     def interval(values):
         values = sorted(values)
@@ -92,7 +103,7 @@ def table(cells, draws, seed=0):
         return f"{point[c][label]:.2f} [{lo:.2f}, {hi:.2f}]"
 
     tests = {}
-    for c in cells:
+    for c in groups:
         for label in ("harmful", "refused"):
             f = frontier(point, gains, c, label)
             if f is not None:
@@ -107,13 +118,14 @@ def table(cells, draws, seed=0):
         f, (lo, hi), p = tests[c, label]
         star = "*" if holm_p[c, label] < 0.05 else ""
         return f"{f:+.2f} [{lo:+.2f}, {hi:+.2f}] {p:.3f}/{holm_p[c, label]:.3f}{star}"
-    lines = ["| run | Δ capability | labelled | judged harmful | " + " | ".join(LABELS)
-             + " | frontier, harmful | frontier, refused |", "|" + "---|" * 10]
-    for c in cells:
-        judged_harmful = cells[c]["judged"].get("harmful", 0) / sum(cells[c]["judged"].values())
-        lines.append(f"| {c} | {gains[c]:+.2f} | {sum(map(len, draws[c].values()))} | {judged_harmful:.2f} | "
-                     + " | ".join(share(c, label) for label in LABELS)
-                     + f" | {against_sft(c, 'harmful')} | {against_sft(c, 'refused')} |")
+    lines = ["| run | runs | Δ capability | labelled | judged harmful | " + " | ".join(LABELS)
+             + " | frontier, harmful | frontier, refused |", "|" + "---|" * 11]
+    for g, members in groups.items():
+        runs = sum(len(cells[c]["runs"]) for c in members)
+        labelled = sum(len(d) for c in members for d in draws[c].values())
+        lines.append(f"| {g} | {runs} | {gains[g]:+.2f} | {labelled} | {judged[g]:.2f} | "
+                     + " | ".join(share(g, label) for label in LABELS)
+                     + f" | {against_sft(g, 'harmful')} | {against_sft(g, 'refused')} |")
     return "\n".join(lines)
 
 

@@ -203,5 +203,5 @@ def test_audit_labels_cover_every_cell_and_verdict():
         assert sum(c["judged"].values()) == c["answers"]
         assert all(draws[cell].get(v) or v in audit.POOLED for v, n in c["judged"].items() if n), cell
     rows = {line.split(" | ")[0].strip("| "): line for line in audit.table(cells, draws).splitlines()}
-    lam4 = rows["orpo lam 4 40000"].split(" | ")  # run, runs, gain, labelled, judged harmful, refused, harmful
+    lam4 = rows["orpo lam 4 40000"].split(" | ")  # run, runs, gain, labelled, judged harmful, refused, ...
     assert float(lam4[4]) == pytest.approx(0.74, abs=0.005) and float(lam4[6].split()[0]) < 0.45

@@ -106,9 +106,15 @@ def change(group, start, measure):
     return stats.bootstrap(lambda seeds, items: mean_delta(d, seeds, items), len(d), len(d[0]), DRAWS)
 
 
-def interpolate(points, x):
-    """Piecewise-linear y at x along points sorted by x; None outside their range."""
+SAME_GAIN = 0.01  # nats/token: a gain this close past SFT's last point is at it (SFT's seeds spread 0.003)
+
+
+def interpolate(points, x, slack=0.0):
+    """Piecewise-linear y at x along points sorted by x; None outside their range (x within `slack` past
+    either end counts as at that end)."""
     points = sorted(points)
+    x = points[0][0] if points[0][0] - slack <= x < points[0][0] else x
+    x = points[-1][0] if points[-1][0] < x <= points[-1][0] + slack else x
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
@@ -120,8 +126,8 @@ def frontier(group, sft_groups, start, measure="asr"):
     interpolated along SFT's budget curve (which starts at the start: no gain, no change); seeds and items
     resampled jointly for this point and every SFT point. Attack success: negative = less harmful
     compliance than SFT at equal capability; refusal: positive = refuses more. None when the point's gain
-    lies outside SFT's curve (no SFT point at equal capability: nothing is extrapolated); draws that land
-    outside it are left out of the interval and its p-value."""
+    lies outside SFT's curve by more than SAME_GAIN (no SFT point at equal capability: nothing is
+    extrapolated); draws that land outside it are left out of the interval and its p-value."""
     harm, gain = deltas(group, start, measure), deltas(group, start, "capability")
     curve = [(deltas(g, start, "capability"), deltas(g, start, measure)) for g in sft_groups]
     if harm is None or gain is None or any(c is None or h is None for c, h in curve):
@@ -131,7 +137,7 @@ def frontier(group, sft_groups, start, measure="asr"):
     def statistic(seeds, prompts, items):
         x = mean_delta(gain, seeds, items)
         sft_at_x = interpolate([(0.0, 0.0)] + [(mean_delta(c, seeds, items), mean_delta(h, seeds, prompts))
-                                                for c, h in curve], x)
+                                                for c, h in curve], x, SAME_GAIN)
         return None if sft_at_x is None else mean_delta(harm, seeds, prompts) - sft_at_x
     everything = [list(range(n_seeds)), list(range(len(harm[0]))), list(range(len(gain[0])))]
     if statistic(*everything) is None:

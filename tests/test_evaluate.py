@@ -274,6 +274,8 @@ def test_summary_plots_only_what_was_measured(tmp_path):
     curve = [(0.0, 0.0), (1.0, 0.5), (0.5, 0.25)]  # SFT's (capability gain, harm) points, any order
     assert report.interpolate(curve, 0.75) == pytest.approx(0.375) and report.interpolate(curve, 0.0) == 0.0
     assert report.interpolate(curve, 1.2) is None and report.interpolate(curve, -0.1) is None  # not outside
+    assert report.interpolate(curve, 1.005, slack=0.01) == 0.5  # a hair past the end is at the end
+    assert report.interpolate(curve, 1.02, slack=0.01) is None
 
 
 def test_answer_token_is_tokenized_in_context(tok):

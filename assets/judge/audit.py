@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
-from evaluation.report import interpolate  # noqa: E402
+from evaluation.report import SAME_GAIN, interpolate  # noqa: E402
 from evaluation.stats import holm  # noqa: E402
 
 LABELS = ("refused", "harmful", "safe", "non-answer")
@@ -57,7 +57,7 @@ def frontier(estimates, gains, cell, label):
     """This cell's labelled share minus SFT's labelled curve at the same capability gain (None off it)."""
     if cell in SFT_CURVE or not all(c in estimates for c in SFT_CURVE):
         return None
-    y = interpolate([(gains[c], estimates[c][label]) for c in SFT_CURVE], gains[cell])
+    y = interpolate([(gains[c], estimates[c][label]) for c in SFT_CURVE], gains[cell], SAME_GAIN)
     return None if y is None else estimates[cell][label] - y
 
 

@@ -78,18 +78,18 @@ def table(cells, draws, seed=0):
     point = {c: shares(cells[c]["judged"], {v: proportions(d) for v, d in labels_of(c).items()})
              for c in cells}
     rng = random.Random(seed)
-    boots = []
+    sampled = []
     for _ in range(DRAWS):
         common = {v: posterior_draw(rng, d) for v, d in pooled.items()}
-        boots.append({c: shares(cells[c]["judged"], {**{v: posterior_draw(rng, d) for v, d in draws[c].items()
-                                                        if v not in common}, **common}) for c in cells})
+        own = {c: {v: posterior_draw(rng, d) for v, d in draws[c].items() if v not in common} for c in cells}
+        sampled.append({c: shares(cells[c]["judged"], {**own[c], **common}) for c in cells})
     groups = {}
     for c in cells:
         groups.setdefault(cells[c].get("group", c), []).append(c)
     mean = lambda values: sum(values) / len(values)
     by_group = lambda per_cell: {g: {label: mean([per_cell[c][label] for c in members]) for label in LABELS}
                                  for g, members in groups.items()}
-    point, boots = by_group(point), [by_group(b) for b in boots]
+    point, sampled = by_group(point), [by_group(b) for b in sampled]
     gains = {g: mean([cells[c]["capability_gain"] for c in members]) for g, members in groups.items()}
     judged = {g: mean([cells[c]["judged"].get("harmful", 0) / cells[c]["answers"] for c in members])
               for g, members in groups.items()}
@@ -99,7 +99,7 @@ def table(cells, draws, seed=0):
         return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
 
     def share(c, label):
-        lo, hi = interval([b[c][label] for b in boots])
+        lo, hi = interval([b[c][label] for b in sampled])
         return f"{point[c][label]:.2f} [{lo:.2f}, {hi:.2f}]"
 
     tests = {}
@@ -107,7 +107,7 @@ def table(cells, draws, seed=0):
         for label in ("harmful", "refused"):
             f = frontier(point, gains, c, label)
             if f is not None:
-                values = [v for v in (frontier(b, gains, c, label) for b in boots) if v is not None]
+                values = [v for v in (frontier(b, gains, c, label) for b in sampled) if v is not None]
                 p = min(1.0, 2 * min(sum(v <= 0 for v in values), sum(v >= 0 for v in values)) / len(values))
                 tests[c, label] = f, interval(values), p
     holm_p = dict(zip(tests, holm([t[2] for t in tests.values()])))

@@ -187,10 +187,9 @@ def test_audit_stratified_shares_by_hand():
     with pytest.raises(ValueError, match="none labelled"):
         audit.shares({"harmful": 30, "refused": 10, "safe": 2}, rows)
     # a draw whose labels all agree keeps some room for the others: Dirichlet(20.25, 0.25, 0.25, 0.25)
-    import random
-    rng = random.Random(0)
-    draws = [audit.posterior_draw(rng, ["non-answer"] * 20)["harmful"] for _ in range(4000)]
-    assert sum(draws) / len(draws) == pytest.approx(0.25 / 21, abs=0.003) and max(draws) > 0.05
+    import numpy as np
+    draws = audit.posterior_draws(np.random.default_rng(0), ["non-answer"] * 20, 4000)["harmful"]
+    assert draws.mean() == pytest.approx(0.25 / 21, abs=0.003) and draws.max() > 0.05
 
 
 def test_audit_labels_cover_every_cell_and_verdict():

@@ -13,9 +13,10 @@ SFT's labelled curve (start, SFT at 10k, 20k, 40k) at the same capability gain, 
 evaluation/report.py does; p is two-sided from the posterior, Holm-adjusted over the table's comparisons.
 """
 import json
-import random
 import sys
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
@@ -26,23 +27,22 @@ LABELS = ("refused", "harmful", "safe", "non-answer")
 SFT_CURVE = ("start", "sft 10000", "sft 20000", "sft 40000")
 POOLED = ("refused",)  # verdicts whose labelled draws are pooled over runs
 PRIOR = 0.25  # per label: the posterior of a verdict's label shares is Dirichlet(counts + PRIOR)
-DRAWS = 4000
+DRAWS = 50_000  # posterior draws: p = 0.002 carries a Monte Carlo error of about 0.0002
 
 
 def proportions(labels):
     return {label: labels.count(label) / len(labels) for label in LABELS}
 
 
-def posterior_draw(rng, labels):
-    """One draw of a verdict's label shares from Dirichlet(counts + PRIOR): unlike resampling the draw, a
-    draw whose labels all agree (0 of 20 harmful) still leaves room for the label it did not meet."""
-    g = {label: rng.gammavariate(labels.count(label) + PRIOR, 1.0) for label in LABELS}
-    return {label: v / sum(g.values()) for label, v in g.items()}
+def posterior_draws(rng, labels, n=DRAWS):
+    """n draws of a verdict's label shares from Dirichlet(counts + PRIOR), {label: array of n}: unlike
+    resampling the draw, a draw whose labels all agree (0 of 20 harmful) still leaves room for the others."""
+    return dict(zip(LABELS, rng.dirichlet([labels.count(label) + PRIOR for label in LABELS], size=n).T))
 
 
 def shares(judged, rows):
-    """judged: {verdict: answers the judge gave it}; rows: {verdict: {label: share of its draw}}
-    -> {label: estimated share of all answers}."""
+    """judged: {verdict: answers the judge gave it}; rows: {verdict: {label: share of its draw}} (numbers,
+    or arrays of posterior draws) -> {label: estimated share of all answers}."""
     total = sum(judged.values())
     out = dict.fromkeys(LABELS, 0.0)
     for verdict, n in judged.items():
@@ -77,29 +77,26 @@ def table(cells, draws, seed=0):
     labels_of = lambda c: {**draws[c], **pooled}
     point = {c: shares(cells[c]["judged"], {v: proportions(d) for v, d in labels_of(c).items()})
              for c in cells}
-    rng = random.Random(seed)
-    sampled = []
-    for _ in range(DRAWS):
-        common = {v: posterior_draw(rng, d) for v, d in pooled.items()}
-        own = {c: {v: posterior_draw(rng, d) for v, d in draws[c].items() if v not in common} for c in cells}
-        sampled.append({c: shares(cells[c]["judged"], {**own[c], **common}) for c in cells})
+    rng = np.random.default_rng(seed)
+    common = {v: posterior_draws(rng, d) for v, d in pooled.items()}
+    sampled = {c: shares(cells[c]["judged"], {**{v: posterior_draws(rng, d) for v, d in draws[c].items()
+                                                   if v not in common}, **common}) for c in cells}
     groups = {}
     for c in cells:
         groups.setdefault(cells[c].get("group", c), []).append(c)
     mean = lambda values: sum(values) / len(values)
     by_group = lambda per_cell: {g: {label: mean([per_cell[c][label] for c in members]) for label in LABELS}
                                  for g, members in groups.items()}
-    point, sampled = by_group(point), [by_group(b) for b in sampled]
+    point, sampled = by_group(point), by_group(sampled)
     gains = {g: mean([cells[c]["capability_gain"] for c in members]) for g, members in groups.items()}
     judged = {g: mean([cells[c]["judged"].get("harmful", 0) / cells[c]["answers"] for c in members])
               for g, members in groups.items()}
 
     def interval(values):
-        values = sorted(values)
-        return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
+        return tuple(np.quantile(values, [0.025, 0.975]))
 
     def share(c, label):
-        lo, hi = interval([b[c][label] for b in sampled])
+        lo, hi = interval(sampled[c][label])
         return f"{point[c][label]:.2f} [{lo:.2f}, {hi:.2f}]"
 
     tests = {}
@@ -107,8 +104,8 @@ def table(cells, draws, seed=0):
         for label in ("harmful", "refused"):
             f = frontier(point, gains, c, label)
             if f is not None:
-                values = [v for v in (frontier(b, gains, c, label) for b in sampled) if v is not None]
-                p = min(1.0, 2 * min(sum(v <= 0 for v in values), sum(v >= 0 for v in values)) / len(values))
+                values = frontier(sampled, gains, c, label)  # gains are fixed: every draw is on SFT's curve
+                p = min(1.0, 2 * min((values <= 0).mean(), (values >= 0).mean()))
                 tests[c, label] = f, interval(values), p
     holm_p = dict(zip(tests, holm([t[2] for t in tests.values()])))
 

@@ -280,7 +280,9 @@ def plot(rows, start, results):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     labels = sorted({r["label"] for r in rows}, key=lambda x: (x != "sft", x))
-    style = {label: dict(marker=MARKERS[i % len(MARKERS)], lw=2.5 if label == "sft" else 1.2)
+    palette = plt.get_cmap("tab10" if len(labels) <= 11 else "tab20")  # SFT, the reference, is black
+    style = {label: dict(marker=MARKERS[i % len(MARKERS)], lw=2.5 if label == "sft" else 1.2,
+                         color="black" if label == "sft" else palette((i - 1) % palette.N))
              for i, label in enumerate(labels)}
     series = [("asr", "Δ harmful compliance"), ("refused", "Δ refusal"), ("nonanswer", "Δ non-answer")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True)

@@ -194,8 +194,8 @@ def test_audit_stratified_shares_by_hand():
 
 def test_audit_labels_cover_every_cell_and_verdict():
     """Every verdict the judge gave in an audited run has labelled draws; SFT's curve is complete; the table
-    reads, and ORPO lambda 4's labelled harmful share is well below what the judge said (0.74 and 0.83 at
-    seeds 0 and 1)."""
+    reads, and ORPO lambda 4's labelled harmful share is well below what the judge said (0.79, the mean
+    of seeds 0 and 1)."""
     audit = _audit()
     cells, draws = audit.load()
     assert set(audit.SFT_CURVE) <= set(cells)
@@ -204,5 +204,4 @@ def test_audit_labels_cover_every_cell_and_verdict():
         assert all(draws[cell].get(v) or v in audit.POOLED for v, n in c["judged"].items() if n), cell
     rows = {line.split(" | ")[0].strip("| "): line for line in audit.table(cells, draws).splitlines()}
     lam4 = rows["orpo lam 4 40000"].split(" | ")  # run, runs, gain, labelled, judged harmful, refused, ...
-    judged, labelled = float(lam4[4]), float(lam4[6].split()[0])
-    assert judged > 0.7 and labelled < judged - 0.3
+    assert float(lam4[4]) == pytest.approx(0.79, abs=0.005) and float(lam4[6].split()[0]) < 0.45
